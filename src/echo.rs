@@ -1,0 +1,194 @@
+//! An in-process echo replica: `GET /health` and a WebSocket at `/v1/stream` that sends every
+//! frame back as it came (same type, same fragmentation). Used by `wsrouter demo`, the tests
+//! and the load tools.
+//!
+//! A text message `close:<code>:<reason>` makes it close the session with that code, so tests
+//! can check that replica close codes reach the client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, WebSocket};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the replica saw of the last upgrade request.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub uri: String,
+    pub headers: HeaderMap,
+}
+
+struct Shared {
+    health_status: AtomicU16,
+    last_request: Mutex<Option<SeenRequest>>,
+}
+
+pub struct EchoReplica {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+impl EchoReplica {
+    /// Start on 127.0.0.1 with a free port.
+    pub async fn start() -> std::io::Result<EchoReplica> {
+        EchoReplica::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<EchoReplica> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            health_status: AtomicU16::new(200),
+            last_request: Mutex::new(None),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
+        Ok(EchoReplica { addr, shared, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The status `/health` answers with from now on (200 by default).
+    pub fn set_health_status(&self, status: u16) {
+        self.shared.health_status.store(status, Ordering::Relaxed);
+    }
+
+    pub fn last_request(&self) -> Option<SeenRequest> {
+        self.shared.last_request.lock().unwrap().clone()
+    }
+
+    /// Die abruptly: stop listening and drop every connection without a close frame.
+    pub fn kill(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for EchoReplica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let session_stop = stop.clone();
+        let mut conn_stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                let stop = session_stop.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, shared, stop)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                _ = conn_stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
+}
+
+fn handle(mut req: Request<Incoming>, shared: Arc<Shared>, stop: watch::Receiver<bool>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/health" => {
+            let status = StatusCode::from_u16(shared.health_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::OK);
+            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+            *response.status_mut() = status;
+            response
+        }
+        "/v1/stream" if fastwebsockets::upgrade::is_upgrade_request(&req) => {
+            *shared.last_request.lock().unwrap() = Some(SeenRequest {
+                uri: req.uri().to_string(),
+                headers: req.headers().clone(),
+            });
+            let protocol = req
+                .headers()
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .map(|p| p.trim().to_string());
+            let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+                Ok(pair) => pair,
+                Err(_) => {
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"bad upgrade")));
+                    *response.status_mut() = StatusCode::BAD_REQUEST;
+                    return response;
+                }
+            };
+            tokio::spawn(async move {
+                let mut stop = stop;
+                if let Ok(ws) = upgrade.await {
+                    tokio::select! {
+                        _ = echo(ws) => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                }
+            });
+            let (parts, _) = response.into_parts();
+            let mut response = Response::from_parts(parts, Full::new(Bytes::new()));
+            if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+            }
+            response
+        }
+        _ => {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"not found")));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            response
+        }
+    }
+}
+
+async fn echo<S>(mut ws: WebSocket<S>) -> Result<(), fastwebsockets::WebSocketError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.set_max_message_size(64 << 20);
+    // auto_close answers Close with the same code; auto_pong answers pings.
+    loop {
+        let frame = ws.read_frame().await?;
+        match frame.opcode {
+            OpCode::Close => return Ok(()),
+            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Text if frame.fin && frame.payload.starts_with(b"close:") => {
+                let text = String::from_utf8_lossy(&frame.payload[6..]).to_string();
+                let (code, reason) = text.split_once(':').unwrap_or((&text, ""));
+                let code = code.parse().unwrap_or(1000);
+                ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
+                // Wait for the peer's reply, then end.
+                while ws.read_frame().await?.opcode != OpCode::Close {}
+                return Ok(());
+            }
+            _ => {
+                // A frame read on the server side keeps its mask key: send it back unmasked.
+                ws.write_frame(Frame::new(frame.fin, frame.opcode, None, frame.payload)).await?;
+            }
+        }
+    }
+}

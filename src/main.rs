@@ -1,0 +1,130 @@
+//! The `wsrouter` command line: run, check a config, or run a local demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wsrouter::echo::EchoReplica;
+use wsrouter::{Config, Drain, Router};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "wsrouter", version, about = "WebSocket load balancer and reverse proxy")]
+struct Cli {
+    /// Config file to run with.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file: exit 0 if it is valid, 2 with the reason if not.
+    Check,
+    /// Run the router on 127.0.0.1 in front of two in-process echo replicas.
+    Demo {
+        /// Port for the router.
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "wsrouter=info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match cli.command {
+        Some(Command::Check) => {
+            let Some(path) = cli.config else {
+                eprintln!("wsrouter check: --config FILE is required");
+                return ExitCode::from(2);
+            };
+            match Config::load(&path) {
+                Ok(config) => {
+                    println!("{}: valid ({} replicas)", path.display(), config.replicas.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Some(Command::Demo { port }) => runtime.block_on(demo(port)),
+        None => {
+            let Some(path) = cli.config else {
+                eprintln!("wsrouter: --config FILE is required (or try `wsrouter demo`)");
+                return ExitCode::from(2);
+            };
+            let config = match Config::load(&path) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            };
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    let router = match Router::bind(config).await {
+        Ok(router) => router,
+        Err(e) => {
+            eprintln!("wsrouter: cannot listen: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(addr = %router.local_addr(), "wsrouter listening");
+    match router.serve(shutdown_signal()).await {
+        Drain::Complete => ExitCode::SUCCESS,
+        Drain::TimedOut { sessions_left } => {
+            tracing::warn!(sessions_left, "drain timeout passed; exiting with sessions open");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn demo(port: u16) -> ExitCode {
+    let (primary, secondary) = match (EchoReplica::start().await, EchoReplica::start().await) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("wsrouter demo: cannot start echo replicas: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let text = format!(
+        "[listen]\nhost = \"127.0.0.1\"\nport = {port}\n\n[health_check]\ninterval_seconds = 1.0\ntimeout_seconds = 0.5\n\n\
+         [[replicas]]\nname = \"echo-primary\"\nurl = \"{}\"\nprimary = true\n\n[[replicas]]\nname = \"echo-secondary\"\nurl = \"{}\"\n",
+        primary.url(),
+        secondary.url()
+    );
+    let config = Config::parse(&text).expect("demo config is valid");
+    println!("wsrouter demo: two echo replicas at {} (primary) and {}", primary.url(), secondary.url());
+    println!("  WebSocket: ws://127.0.0.1:{port}/v1/stream   (every frame is echoed back)");
+    println!("  status:    curl http://127.0.0.1:{port}/status");
+    println!("  Ctrl-C stops the demo.");
+    run(config).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

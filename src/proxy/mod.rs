@@ -1,0 +1,336 @@
+//! The proxy: the HTTP service (routing, session limit, upgrade), the upstream connect with
+//! failover, and the session task that bridges client and replica.
+
+pub mod handshake;
+pub mod pump;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use fastwebsockets::Role;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWriteExt, BufWriter, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::admin;
+use crate::balance;
+use crate::config::{seconds, Limits};
+use crate::registry::{Observation, Registry, Replica};
+use handshake::{Upstream, UpstreamError};
+use pump::{CloseOrder, PumpEnd};
+
+pub type Body = Full<Bytes>;
+
+/// The path clients open their WebSocket on (and the path used on the replicas).
+pub const STREAM_PATH: &str = "/v1/stream";
+
+/// Write buffer per socket side; writes are coalesced into it and flushed when reads block.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Shared state of the HTTP service.
+pub struct Proxy {
+    registry: Arc<Registry>,
+    limits: Limits,
+    sessions: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+    next_session_id: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(registry: Arc<Registry>, limits: Limits, shutdown: watch::Receiver<bool>) -> Proxy {
+        Proxy {
+            registry,
+            sessions: Arc::new(Semaphore::new(limits.max_sessions)),
+            limits,
+            shutdown,
+            next_session_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.limits.max_sessions - self.sessions.available_permits()
+    }
+
+    pub fn max_sessions(&self) -> usize {
+        self.limits.max_sessions
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Wait until every session (and every handshake in progress) has finished.
+    pub async fn drained(&self) {
+        let all = u32::try_from(self.limits.max_sessions).unwrap_or(u32::MAX);
+        let _ = self.sessions.acquire_many(all).await;
+    }
+
+    /// Serve one accepted connection: HTTP/1.1 with upgrades, a header-read timeout, and
+    /// bounded request heads (hyper answers 431 beyond the buffer).
+    pub async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let proxy = self.clone();
+        let service = tower::service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let result = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(seconds(self.limits.header_read_timeout_seconds))
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(service))
+            .with_upgrades()
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with error");
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (_, STREAM_PATH) => self.handle_stream(req, peer).await,
+            (&hyper::Method::GET, "/health") => admin::health(),
+            (&hyper::Method::GET, "/status") => {
+                admin::status(&self.registry.snapshot(), self.active_sessions(), self.max_sessions())
+            }
+            _ => admin::json_response(StatusCode::NOT_FOUND, &admin::error_body("not_found", "no such endpoint")),
+        }
+    }
+
+    async fn handle_stream(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if let Err(refusal) = handshake::check_client_request(&req) {
+            let mut response = admin::json_response(refusal.status, &admin::error_body("bad_handshake", refusal.message));
+            if refusal.status == StatusCode::UPGRADE_REQUIRED || refusal.status == StatusCode::BAD_REQUEST {
+                response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            if refusal.status == StatusCode::UPGRADE_REQUIRED {
+                response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            return response;
+        }
+        if self.shutting_down() {
+            return unavailable("the router is shutting down");
+        }
+        let Ok(permit) = self.sessions.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = self.limits.max_sessions, "session limit reached");
+            return unavailable("the router is at its session limit");
+        };
+        let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let (parts, _body) = req.into_parts();
+
+        let candidates: Vec<Arc<Replica>> =
+            balance::candidates(&self.registry.snapshot()).map(|r| r.replica.clone()).collect();
+        let accept = handshake::accept_key(parts.headers[header::SEC_WEBSOCKET_KEY].as_bytes());
+
+        if candidates.is_empty() {
+            tracing::warn!(session = id, %peer, "no healthy replica");
+            let order = CloseOrder {
+                error_json: Some(pump::error_json("gpu_unavailable", "no healthy replica is available; try again shortly")),
+                close: Some((1013, "no_healthy_replica".into())),
+            };
+            tokio::spawn(self.clone().refuse_session(client_upgrade, order, permit));
+            return switching_protocols(&accept, None);
+        }
+
+        let timeout = seconds(self.limits.connect_timeout_seconds);
+        let mut failures = Vec::new();
+        for replica in candidates {
+            match handshake::connect(&replica, &parts, peer, timeout).await {
+                Ok(upstream) => {
+                    tracing::debug!(session = id, %peer, replica = %replica.name, "session open");
+                    let response = switching_protocols(&accept, Some(&upstream));
+                    tokio::spawn(self.clone().run_session(id, client_upgrade, upstream, replica, permit));
+                    return response;
+                }
+                Err(UpstreamError::Refused(status)) => {
+                    tracing::info!(session = id, replica = %replica.name, status = status.as_u16(), "replica refused the upgrade");
+                    return admin::json_response(
+                        status,
+                        &admin::error_body("upstream_refused", &format!("the worker refused the session with HTTP {}", status.as_u16())),
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(session = id, replica = %replica.name, %error, "upstream connect failed; trying the next replica");
+                    // Passive health: a failed connect counts like a failed probe.
+                    self.registry.observe(replica.index, Observation::Failure { error: error.to_string(), latency: None });
+                    failures.push(format!("{}: {error}", replica.name));
+                }
+            }
+        }
+        let order = CloseOrder {
+            error_json: Some(pump::error_json(
+                "worker_failed",
+                &format!("could not reach any worker ({})", failures.join("; ")),
+            )),
+            close: Some((1011, "worker_failed".into())),
+        };
+        tokio::spawn(self.clone().refuse_session(client_upgrade, order, permit));
+        switching_protocols(&accept, None)
+    }
+
+    /// Complete the client's upgrade only to tell it why there is no session.
+    async fn refuse_session(self: Arc<Self>, upgrade: hyper::upgrade::OnUpgrade, order: CloseOrder, permit: OwnedSemaphorePermit) {
+        let Some(client) = ClientSocket::upgrade(upgrade).await else { return };
+        let (mut read, mut write) = client.into_halves();
+        {
+            let (mut ws_read, mut ws_write) = pump::split(&mut read, &mut write, Role::Server, self.limits.max_frame_bytes);
+            pump::write_order(&mut ws_write, order).await;
+            let deadline = tokio::time::Instant::now() + seconds(self.limits.close_timeout_seconds);
+            pump::drain_until_close(&mut ws_read, deadline).await;
+        }
+        drop(permit);
+        finish_socket(read, write).await;
+    }
+
+    /// Bridge an upgraded client and a connected replica until the session ends.
+    async fn run_session(
+        self: Arc<Self>,
+        id: u64,
+        upgrade: hyper::upgrade::OnUpgrade,
+        upstream: Upstream,
+        replica: Arc<Replica>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let counted = replica.open_session();
+        let Some(client) = ClientSocket::upgrade(upgrade).await else { return };
+        let (mut client_read, mut client_write) = client.into_halves();
+        let (upstream_read, upstream_write) = upstream.stream.into_split();
+        let mut upstream_read = Prefixed::new(upstream.leftover, upstream_read);
+        let mut upstream_write = BufWriter::with_capacity(WRITE_BUFFER_BYTES, upstream_write);
+        let max = self.limits.max_frame_bytes;
+        let end = {
+            let (mut cr, mut cw) = pump::split(&mut client_read, &mut client_write, Role::Server, max);
+            let (mut ur, mut uw) = pump::split(&mut upstream_read, &mut upstream_write, Role::Client, max);
+            let mut shutdown = self.shutdown.clone();
+            let shutdown = async move {
+                let _ = shutdown.wait_for(|stopping| *stopping).await;
+            };
+            let close_timeout = seconds(self.limits.close_timeout_seconds);
+            pump::bridge(&mut cr, &mut cw, &mut ur, &mut uw, close_timeout, shutdown).await
+        };
+        log_session_end(id, &replica, &end);
+        // The session is over; lingering on the sockets does not count against limits.
+        drop((counted, permit));
+        tokio::join!(finish_socket(client_read, client_write), async {
+            let _ = upstream_write.shutdown().await;
+        });
+    }
+}
+
+fn log_session_end(id: u64, replica: &Replica, end: &pump::SessionEnd) {
+    let failed = |p: &PumpEnd| matches!(p, PumpEnd::SourceFailed { .. } | PumpEnd::SinkFailed(_));
+    if failed(&end.upstream) || failed(&end.client) {
+        tracing::info!(session = id, replica = %replica.name, client_side = ?end.upstream, replica_side = ?end.client, "session ended abnormally");
+    } else {
+        tracing::debug!(session = id, replica = %replica.name, shutdown = end.shutdown, "session closed");
+    }
+}
+
+fn unavailable(message: &str) -> Response<Body> {
+    let mut response = admin::json_response(StatusCode::SERVICE_UNAVAILABLE, &admin::error_body("unavailable", message));
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn switching_protocols(accept: &str, upstream: Option<&Upstream>) -> Response<Body> {
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(accept).expect("base64"));
+    if let Some(upstream) = upstream {
+        for (name, value) in &upstream.response_headers {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
+/// The client's socket after hyper has answered 101.
+struct ClientSocket {
+    stream: TcpStream,
+    leftover: Bytes,
+}
+
+impl ClientSocket {
+    async fn upgrade(upgrade: hyper::upgrade::OnUpgrade) -> Option<ClientSocket> {
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "client upgrade failed");
+                return None;
+            }
+        };
+        // Served by hyper's http1 builder directly on a TcpStream, so this cannot fail.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => Some(ClientSocket {
+                stream: parts.io.into_inner(),
+                leftover: parts.read_buf,
+            }),
+            Err(_) => {
+                tracing::error!("upgraded client connection is not a TCP stream");
+                None
+            }
+        }
+    }
+
+    fn into_halves(self) -> (Prefixed<OwnedReadHalf>, BufWriter<OwnedWriteHalf>) {
+        let (read, write) = self.stream.into_split();
+        (Prefixed::new(self.leftover, read), BufWriter::with_capacity(WRITE_BUFFER_BYTES, write))
+    }
+}
+
+/// Flush and half-close our side, then read until the peer closes too (bounded), so unread
+/// bytes do not turn our close into a reset that could destroy the close frame in flight.
+async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: BufWriter<OwnedWriteHalf>) {
+    let _ = write.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let linger = async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut read, &mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), linger).await;
+}
+
+/// A read half that first yields bytes read ahead during the HTTP handshake.
+pub struct Prefixed<R> {
+    prefix: Bytes,
+    inner: R,
+}
+
+impl<R> Prefixed<R> {
+    pub fn new(prefix: Bytes, inner: R) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}

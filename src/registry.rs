@@ -1,0 +1,287 @@
+//! Replicas, their health state, and the immutable snapshot the hot path reads.
+//!
+//! Writers (the health loop, and the proxy reporting a failed upstream connect) take a
+//! short mutex, update the state machines and publish a fresh [`Snapshot`] through
+//! arc-swap. Readers (session setup, /status) only `load()` the snapshot: no lock.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config};
+
+/// Static facts about one replica plus its live session counters.
+#[derive(Debug)]
+pub struct Replica {
+    pub index: usize,
+    pub name: String,
+    pub url: String,
+    /// `host:port`, for connecting and for the Host header.
+    pub authority: String,
+    pub primary: bool,
+    pub weight: f64,
+    active_sessions: AtomicUsize,
+    total_sessions: AtomicU64,
+}
+
+impl Replica {
+    pub fn active_sessions(&self) -> usize {
+        self.active_sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn total_sessions(&self) -> u64 {
+        self.total_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Count a session on this replica until the returned guard drops.
+    pub fn open_session(self: &Arc<Self>) -> SessionGuard {
+        self.active_sessions.fetch_add(1, Ordering::Relaxed);
+        self.total_sessions.fetch_add(1, Ordering::Relaxed);
+        SessionGuard(self.clone())
+    }
+}
+
+pub struct SessionGuard(Arc<Replica>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.active_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Unknown => "unknown",
+            Status::Healthy => "healthy",
+            Status::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// The health state machine of one replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub status: Status,
+    pub consecutive_failures: u32,
+    pub consecutive_successes: u32,
+    /// Unix time (seconds) of the last successful probe.
+    pub last_ok_at: Option<f64>,
+    pub last_latency_ms: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            status: Status::Unknown,
+            consecutive_failures: 0,
+            consecutive_successes: 0,
+            last_ok_at: None,
+            last_latency_ms: None,
+            last_error: None,
+        }
+    }
+}
+
+/// What one probe (or one passive observation) found.
+#[derive(Debug, Clone)]
+pub enum Observation {
+    Success { latency: Duration },
+    Failure { error: String, latency: Option<Duration> },
+}
+
+impl Health {
+    /// Apply one observation. `unknown` turns healthy on its first success; `failure_threshold`
+    /// consecutive failures make a replica unhealthy; `recovery_threshold` consecutive successes
+    /// bring an unhealthy one back.
+    pub fn observe(&mut self, observation: &Observation, failure_threshold: u32, recovery_threshold: u32) {
+        match observation {
+            Observation::Success { latency } => {
+                self.consecutive_failures = 0;
+                self.consecutive_successes = self.consecutive_successes.saturating_add(1);
+                self.last_ok_at = Some(unix_now());
+                self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
+                self.last_error = None;
+                match self.status {
+                    Status::Unknown => self.status = Status::Healthy,
+                    Status::Unhealthy if self.consecutive_successes >= recovery_threshold => {
+                        self.status = Status::Healthy
+                    }
+                    _ => {}
+                }
+            }
+            Observation::Failure { error, latency } => {
+                self.consecutive_successes = 0;
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                if let Some(latency) = latency {
+                    self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
+                }
+                self.last_error = Some(error.clone());
+                if self.consecutive_failures >= failure_threshold {
+                    self.status = Status::Unhealthy;
+                }
+            }
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// One replica as seen in a snapshot.
+#[derive(Debug, Clone)]
+pub struct ReplicaState {
+    pub replica: Arc<Replica>,
+    pub health: Health,
+}
+
+impl ReplicaState {
+    /// Whether new sessions may be sent here.
+    pub fn selectable(&self) -> bool {
+        self.health.status == Status::Healthy
+    }
+}
+
+/// An immutable view of every replica, in config order.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub replicas: Vec<ReplicaState>,
+}
+
+pub struct Registry {
+    snapshot: ArcSwap<Snapshot>,
+    /// Writers only: serialises updates so none is lost between load and store.
+    health: Mutex<Vec<Health>>,
+    replicas: Vec<Arc<Replica>>,
+    failure_threshold: u32,
+    recovery_threshold: u32,
+}
+
+impl Registry {
+    pub fn new(config: &Config) -> Registry {
+        let replicas: Vec<Arc<Replica>> = config
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(index, r)| {
+                let addr = config::parse_replica_url(&r.url).expect("validated at load");
+                Arc::new(Replica {
+                    index,
+                    name: r.name.clone().unwrap_or_else(|| addr.authority.clone()),
+                    url: addr.url,
+                    authority: addr.authority,
+                    primary: r.primary,
+                    weight: r.weight,
+                    active_sessions: AtomicUsize::new(0),
+                    total_sessions: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        let health = vec![Health::default(); replicas.len()];
+        let registry = Registry {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            health: Mutex::new(health),
+            replicas,
+            failure_threshold: config.health_check.failure_threshold,
+            recovery_threshold: config.health_check.recovery_threshold,
+        };
+        registry.publish(&registry.health.lock().unwrap());
+        registry
+    }
+
+    /// The current snapshot; lock-free.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn replicas(&self) -> &[Arc<Replica>] {
+        &self.replicas
+    }
+
+    /// Apply a batch of observations (one per replica index) and publish once.
+    pub fn observe_all(&self, observations: impl IntoIterator<Item = (usize, Observation)>) {
+        let mut health = self.health.lock().unwrap();
+        for (index, observation) in observations {
+            health[index].observe(&observation, self.failure_threshold, self.recovery_threshold);
+        }
+        self.publish(&health);
+    }
+
+    /// Apply one observation, e.g. a failed upstream connect seen by the proxy.
+    pub fn observe(&self, index: usize, observation: Observation) {
+        self.observe_all([(index, observation)]);
+    }
+
+    fn publish(&self, health: &[Health]) {
+        let replicas = self
+            .replicas
+            .iter()
+            .zip(health)
+            .map(|(replica, health)| ReplicaState {
+                replica: replica.clone(),
+                health: health.clone(),
+            })
+            .collect();
+        self.snapshot.store(Arc::new(Snapshot { replicas }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Observation {
+        Observation::Success {
+            latency: Duration::from_millis(3),
+        }
+    }
+    fn fail() -> Observation {
+        Observation::Failure {
+            error: "refused".into(),
+            latency: None,
+        }
+    }
+
+    #[test]
+    fn state_machine_follows_thresholds() {
+        let mut h = Health::default();
+        assert_eq!(h.status, Status::Unknown);
+        h.observe(&fail(), 3, 2);
+        assert_eq!(h.status, Status::Unknown, "failures below threshold keep unknown");
+        h.observe(&ok(), 3, 2);
+        assert_eq!(h.status, Status::Healthy, "first success makes unknown healthy");
+        h.observe(&fail(), 3, 2);
+        h.observe(&fail(), 3, 2);
+        assert_eq!(h.status, Status::Healthy);
+        h.observe(&fail(), 3, 2);
+        assert_eq!(h.status, Status::Unhealthy);
+        assert_eq!(h.consecutive_failures, 3);
+        h.observe(&ok(), 3, 2);
+        assert_eq!(h.status, Status::Unhealthy, "one success is below recovery threshold");
+        h.observe(&fail(), 3, 2);
+        h.observe(&ok(), 3, 2);
+        assert_eq!(h.status, Status::Unhealthy, "successes must be consecutive");
+        h.observe(&ok(), 3, 2);
+        assert_eq!(h.status, Status::Healthy);
+        assert!(h.last_ok_at.is_some());
+        assert_eq!(h.consecutive_failures, 0);
+    }
+
+    #[test]
+    fn unknown_turns_unhealthy_after_threshold_failures() {
+        let mut h = Health::default();
+        h.observe(&fail(), 1, 1);
+        assert_eq!(h.status, Status::Unhealthy);
+    }
+}
