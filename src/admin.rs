@@ -12,9 +12,10 @@ use crate::registry::Snapshot;
 pub fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     let mut response = Response::new(Body::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -56,5 +57,8 @@ pub fn status_json(snapshot: &Snapshot, active_sessions: usize, max_sessions: us
 }
 
 pub fn status(snapshot: &Snapshot, active_sessions: usize, max_sessions: usize) -> Response<Body> {
-    json_response(StatusCode::OK, &status_json(snapshot, active_sessions, max_sessions))
+    json_response(
+        StatusCode::OK,
+        &status_json(snapshot, active_sessions, max_sessions),
+    )
 }

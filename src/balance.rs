@@ -7,8 +7,14 @@ use crate::registry::{ReplicaState, Snapshot};
 
 /// Selectable replicas in the order they should be tried. No allocation, no lock.
 pub fn candidates(snapshot: &Snapshot) -> impl Iterator<Item = &ReplicaState> + '_ {
-    let primaries = snapshot.replicas.iter().filter(|r| r.replica.primary && r.selectable());
-    let others = snapshot.replicas.iter().filter(|r| !r.replica.primary && r.selectable());
+    let primaries = snapshot
+        .replicas
+        .iter()
+        .filter(|r| r.replica.primary && r.selectable());
+    let others = snapshot
+        .replicas
+        .iter()
+        .filter(|r| !r.replica.primary && r.selectable());
     primaries.chain(others)
 }
 
@@ -27,18 +33,26 @@ mod tests {
     fn registry(primary: Option<usize>, n: usize) -> Registry {
         let mut text = String::new();
         for i in 0..n {
-            text += &format!("[[replicas]]\nurl = \"http://127.0.0.1:{}\"\nprimary = {}\n", 8000 + i, primary == Some(i));
+            text += &format!(
+                "[[replicas]]\nurl = \"http://127.0.0.1:{}\"\nprimary = {}\n",
+                8000 + i,
+                primary == Some(i)
+            );
         }
         Registry::new(&Config::parse(&text).unwrap())
     }
 
     fn set(reg: &Registry, healthy: &[usize]) {
-        let ok = Observation::Success { latency: Duration::ZERO };
+        let ok = Observation::Success {
+            latency: Duration::ZERO,
+        };
         reg.observe_all(healthy.iter().map(|&i| (i, ok.clone())));
     }
 
     fn order(reg: &Registry) -> Vec<usize> {
-        candidates(&reg.snapshot()).map(|r| r.replica.index).collect()
+        candidates(&reg.snapshot())
+            .map(|r| r.replica.index)
+            .collect()
     }
 
     #[test]
@@ -59,7 +73,10 @@ mod tests {
         let reg = registry(Some(0), 3);
         set(&reg, &[1, 2]);
         assert_eq!(order(&reg), vec![1, 2]);
-        let fail = Observation::Failure { error: "x".into(), latency: None };
+        let fail = Observation::Failure {
+            error: "x".into(),
+            latency: None,
+        };
         set(&reg, &[0]);
         for _ in 0..3 {
             reg.observe(0, fail.clone());

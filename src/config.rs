@@ -156,25 +156,39 @@ impl Config {
     }
 
     fn validate(&mut self) -> Result<(), ConfigError> {
-        self.listen
-            .host
-            .parse::<IpAddr>()
-            .map_err(|_| invalid("listen.host", format!("{:?} is not an IP address", self.listen.host)))?;
+        self.listen.host.parse::<IpAddr>().map_err(|_| {
+            invalid(
+                "listen.host",
+                format!("{:?} is not an IP address", self.listen.host),
+            )
+        })?;
 
         let hc = &self.health_check;
         if !hc.path.starts_with('/') {
-            return Err(invalid("health_check.path", format!("{:?} must start with \"/\"", hc.path)));
+            return Err(invalid(
+                "health_check.path",
+                format!("{:?} must start with \"/\"", hc.path),
+            ));
         }
         if hc.path.contains(['?', '#', ' ']) {
-            return Err(invalid("health_check.path", "must be a plain path (no query, fragment or spaces)"));
+            return Err(invalid(
+                "health_check.path",
+                "must be a plain path (no query, fragment or spaces)",
+            ));
         }
         positive_seconds("health_check.interval_seconds", hc.interval_seconds)?;
         positive_seconds("health_check.timeout_seconds", hc.timeout_seconds)?;
         if hc.failure_threshold < 1 {
-            return Err(invalid("health_check.failure_threshold", "must be at least 1"));
+            return Err(invalid(
+                "health_check.failure_threshold",
+                "must be at least 1",
+            ));
         }
         if hc.recovery_threshold < 1 {
-            return Err(invalid("health_check.recovery_threshold", "must be at least 1"));
+            return Err(invalid(
+                "health_check.recovery_threshold",
+                "must be at least 1",
+            ));
         }
 
         let l = &self.limits;
@@ -182,20 +196,30 @@ impl Config {
             return Err(invalid("limits.max_sessions", "must be at least 1"));
         }
         if l.max_frame_bytes < 125 {
-            return Err(invalid("limits.max_frame_bytes", "must be at least 125 (the largest control frame)"));
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                "must be at least 125 (the largest control frame)",
+            ));
         }
-        positive_seconds("limits.header_read_timeout_seconds", l.header_read_timeout_seconds)?;
+        positive_seconds(
+            "limits.header_read_timeout_seconds",
+            l.header_read_timeout_seconds,
+        )?;
         positive_seconds("limits.connect_timeout_seconds", l.connect_timeout_seconds)?;
         positive_seconds("limits.close_timeout_seconds", l.close_timeout_seconds)?;
         positive_seconds("limits.drain_timeout_seconds", l.drain_timeout_seconds)?;
 
         if self.replicas.is_empty() {
-            return Err(invalid("replicas", "at least one [[replicas]] entry is required"));
+            return Err(invalid(
+                "replicas",
+                "at least one [[replicas]] entry is required",
+            ));
         }
         let mut primary_seen: Option<usize> = None;
         for i in 0..self.replicas.len() {
             let key = |field: &str| format!("replicas[{i}].{field}");
-            let addr = parse_replica_url(&self.replicas[i].url).map_err(|reason| invalid(key("url"), reason))?;
+            let addr = parse_replica_url(&self.replicas[i].url)
+                .map_err(|reason| invalid(key("url"), reason))?;
             let r = &mut self.replicas[i];
             r.url = addr.url.clone();
             if r.name.is_none() {
@@ -205,7 +229,10 @@ impl Config {
                 return Err(invalid(key("name"), "must not be empty"));
             }
             if !(r.weight.is_finite() && r.weight > 0.0) {
-                return Err(invalid(key("weight"), format!("must be a number greater than 0, got {}", r.weight)));
+                return Err(invalid(
+                    key("weight"),
+                    format!("must be a number greater than 0, got {}", r.weight),
+                ));
             }
             if r.primary {
                 if let Some(first) = primary_seen {
@@ -216,10 +243,19 @@ impl Config {
             for j in 0..i {
                 let other = &self.replicas[j];
                 if other.url == self.replicas[i].url {
-                    return Err(invalid(key("url"), format!("duplicate of replicas[{j}].url {:?}", other.url)));
+                    return Err(invalid(
+                        key("url"),
+                        format!("duplicate of replicas[{j}].url {:?}", other.url),
+                    ));
                 }
                 if other.name == self.replicas[i].name {
-                    return Err(invalid(key("name"), format!("duplicate of replicas[{j}].name {:?}", other.name.as_deref().unwrap_or(""))));
+                    return Err(invalid(
+                        key("name"),
+                        format!(
+                            "duplicate of replicas[{j}].name {:?}",
+                            other.name.as_deref().unwrap_or("")
+                        ),
+                    ));
                 }
             }
         }
@@ -235,7 +271,10 @@ impl Config {
 fn positive_seconds(key: &str, value: f64) -> Result<(), ConfigError> {
     // Upper bound keeps Duration::from_secs_f64 from panicking and catches unit mistakes.
     if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
-        return Err(invalid(key, format!("must be greater than 0 and at most 86400 seconds, got {value}")));
+        return Err(invalid(
+            key,
+            format!("must be greater than 0 and at most 86400 seconds, got {value}"),
+        ));
     }
     Ok(())
 }
@@ -249,7 +288,9 @@ pub fn parse_replica_url(url: &str) -> Result<ReplicaAddr, String> {
     if url.contains('#') {
         return Err(format!("{url:?} must not have a fragment"));
     }
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url:?} is not a valid url ({e})"))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a valid url ({e})"))?;
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => {
@@ -257,7 +298,9 @@ pub fn parse_replica_url(url: &str) -> Result<ReplicaAddr, String> {
         }
         _ => return Err(format!("{url:?} must start with http://")),
     }
-    let authority = uri.authority().ok_or_else(|| format!("{url:?} has no host"))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
     if authority.as_str().contains('@') {
         return Err(format!("{url:?} must not carry credentials"));
     }
@@ -269,7 +312,9 @@ pub fn parse_replica_url(url: &str) -> Result<ReplicaAddr, String> {
     }
     let path = uri.path();
     if !(path.is_empty() || path == "/") {
-        return Err(format!("{url:?} must not have a path other than \"/\" (got {path:?})"));
+        return Err(format!(
+            "{url:?} must not have a path other than \"/\" (got {path:?})"
+        ));
     }
     let port = authority.port_u16().unwrap_or(80);
     let host = authority.host();
@@ -318,12 +363,24 @@ mod tests {
         assert!(err(&dup).contains("replicas[1].url: duplicate of replicas[0].url"));
         let two_primaries = "[[replicas]]\nurl = \"http://a\"\nprimary = true\n[[replicas]]\nurl = \"http://b\"\nprimary = true\n";
         assert!(err(two_primaries).contains("replicas[1].primary"));
-        assert!(err(&format!("[health_check]\ninterval_seconds = 0\n{ONE}")).contains("health_check.interval_seconds"));
-        assert!(err(&format!("[health_check]\ntimeout_seconds = -1\n{ONE}")).contains("health_check.timeout_seconds"));
-        assert!(err(&format!("[health_check]\nfailure_threshold = 0\n{ONE}")).contains("health_check.failure_threshold"));
-        assert!(err(&format!("[health_check]\nrecovery_threshold = 0\n{ONE}")).contains("health_check.recovery_threshold"));
-        assert!(err(&format!("[health_check]\npath = \"health\"\n{ONE}")).contains("health_check.path"));
-        assert!(err("[[replicas]]\nurl = \"http://a\"\nweight = 0\n").contains("replicas[0].weight"));
+        assert!(err(&format!("[health_check]\ninterval_seconds = 0\n{ONE}"))
+            .contains("health_check.interval_seconds"));
+        assert!(err(&format!("[health_check]\ntimeout_seconds = -1\n{ONE}"))
+            .contains("health_check.timeout_seconds"));
+        assert!(
+            err(&format!("[health_check]\nfailure_threshold = 0\n{ONE}"))
+                .contains("health_check.failure_threshold")
+        );
+        assert!(
+            err(&format!("[health_check]\nrecovery_threshold = 0\n{ONE}"))
+                .contains("health_check.recovery_threshold")
+        );
+        assert!(
+            err(&format!("[health_check]\npath = \"health\"\n{ONE}")).contains("health_check.path")
+        );
+        assert!(
+            err("[[replicas]]\nurl = \"http://a\"\nweight = 0\n").contains("replicas[0].weight")
+        );
         assert!(err(&format!("[listen]\nhost = \"example.com\"\n{ONE}")).contains("listen.host"));
     }
 
@@ -332,9 +389,15 @@ mod tests {
         let e = err("[[replicas]]\nurl = \"http://a\"\nprimary = \"false\"\n");
         assert!(e.contains("primary") && e.contains("invalid type"), "{e}");
         let e = err(&format!("[health_check]\nfailure_threshold = 2.7\n{ONE}"));
-        assert!(e.contains("failure_threshold") && e.contains("invalid type"), "{e}");
+        assert!(
+            e.contains("failure_threshold") && e.contains("invalid type"),
+            "{e}"
+        );
         let e = err(&format!("[health_check]\nintervall_seconds = 2\n{ONE}"));
-        assert!(e.contains("unknown field") && e.contains("intervall_seconds"), "{e}");
+        assert!(
+            e.contains("unknown field") && e.contains("intervall_seconds"),
+            "{e}"
+        );
         let e = err("[[replicas]]\nurl = \"http://a\"\nport = 1\n");
         assert!(e.contains("unknown field") && e.contains("port"), "{e}");
     }

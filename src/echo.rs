@@ -114,10 +114,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
     }
 }
 
-fn handle(mut req: Request<Incoming>, shared: Arc<Shared>, stop: watch::Receiver<bool>) -> Response<Full<Bytes>> {
+fn handle(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/health" => {
-            let status = StatusCode::from_u16(shared.health_status.load(Ordering::Relaxed)).unwrap_or(StatusCode::OK);
+            let status = StatusCode::from_u16(shared.health_status.load(Ordering::Relaxed))
+                .unwrap_or(StatusCode::OK);
             let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
             *response.status_mut() = status;
             response
@@ -153,7 +158,9 @@ fn handle(mut req: Request<Incoming>, shared: Arc<Shared>, stop: watch::Receiver
             let (parts, _) = response.into_parts();
             let mut response = Response::from_parts(parts, Full::new(Bytes::new()));
             if let Some(p) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
-                response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, p);
+                response
+                    .headers_mut()
+                    .insert(header::SEC_WEBSOCKET_PROTOCOL, p);
             }
             response
         }
@@ -180,14 +187,16 @@ where
                 let text = String::from_utf8_lossy(&frame.payload[6..]).to_string();
                 let (code, reason) = text.split_once(':').unwrap_or((&text, ""));
                 let code = code.parse().unwrap_or(1000);
-                ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
+                ws.write_frame(Frame::close(code, reason.as_bytes()))
+                    .await?;
                 // Wait for the peer's reply, then end.
                 while ws.read_frame().await?.opcode != OpCode::Close {}
                 return Ok(());
             }
             _ => {
                 // A frame read on the server side keeps its mask key: send it back unmasked.
-                ws.write_frame(Frame::new(frame.fin, frame.opcode, None, frame.payload)).await?;
+                ws.write_frame(Frame::new(frame.fin, frame.opcode, None, frame.payload))
+                    .await?;
             }
         }
     }

@@ -52,10 +52,14 @@ impl Probe for HttpProbe {
         let uri = format!("{}{}", replica.url, self.path);
         Box::pin(async move {
             let uri: hyper::Uri = uri.parse().map_err(|e| format!("bad probe url: {e}"))?;
-            let response = client.get(uri).await.map_err(|e| match std::error::Error::source(&e) {
-                Some(cause) => format!("{e}: {cause}"),
-                None => e.to_string(),
-            })?;
+            let response =
+                client
+                    .get(uri)
+                    .await
+                    .map_err(|e| match std::error::Error::source(&e) {
+                        Some(cause) => format!("{e}: {cause}"),
+                        None => e.to_string(),
+                    })?;
             let status = response.status();
             // Read the body to the end so the connection goes back to the pool.
             response
@@ -107,10 +111,17 @@ pub async fn run_cycle(registry: &Registry, probe: &dyn Probe, timeout: Duration
         let name = &registry.replicas()[*index].name;
         match observation {
             Observation::Success { .. } => tracing::trace!(replica = %name, "probe ok"),
-            Observation::Failure { error, .. } => tracing::debug!(replica = %name, %error, "probe failed"),
+            Observation::Failure { error, .. } => {
+                tracing::debug!(replica = %name, %error, "probe failed")
+            }
         }
     }
-    let before: Vec<_> = registry.snapshot().replicas.iter().map(|r| r.health.status).collect();
+    let before: Vec<_> = registry
+        .snapshot()
+        .replicas
+        .iter()
+        .map(|r| r.health.status)
+        .collect();
     registry.observe_all(results);
     for (state, old) in registry.snapshot().replicas.iter().zip(before) {
         if state.health.status != old {

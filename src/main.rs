@@ -11,7 +11,11 @@ use wsrouter::{Config, Drain, Router};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "wsrouter", version, about = "WebSocket load balancer and reverse proxy")]
+#[command(
+    name = "wsrouter",
+    version,
+    about = "WebSocket load balancer and reverse proxy"
+)]
 struct Cli {
     /// Config file to run with.
     #[arg(long, short, global = true)]
@@ -35,11 +39,15 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "wsrouter=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "wsrouter=info".into()),
         )
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match cli.command {
         Some(Command::Check) => {
             let Some(path) = cli.config else {
@@ -48,7 +56,11 @@ fn main() -> ExitCode {
             };
             match Config::load(&path) {
                 Ok(config) => {
-                    println!("{}: valid ({} replicas)", path.display(), config.replicas.len());
+                    println!(
+                        "{}: valid ({} replicas)",
+                        path.display(),
+                        config.replicas.len()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -87,7 +99,10 @@ async fn run(config: Config) -> ExitCode {
     match router.serve(shutdown_signal()).await {
         Drain::Complete => ExitCode::SUCCESS,
         Drain::TimedOut { sessions_left } => {
-            tracing::warn!(sessions_left, "drain timeout passed; exiting with sessions open");
+            tracing::warn!(
+                sessions_left,
+                "drain timeout passed; exiting with sessions open"
+            );
             ExitCode::SUCCESS
         }
     }
@@ -108,7 +123,11 @@ async fn demo(port: u16) -> ExitCode {
         secondary.url()
     );
     let config = Config::parse(&text).expect("demo config is valid");
-    println!("wsrouter demo: two echo replicas at {} (primary) and {}", primary.url(), secondary.url());
+    println!(
+        "wsrouter demo: two echo replicas at {} (primary) and {}",
+        primary.url(),
+        secondary.url()
+    );
     println!("  WebSocket: ws://127.0.0.1:{port}/v1/stream   (every frame is echoed back)");
     println!("  status:    curl http://127.0.0.1:{port}/status");
     println!("  Ctrl-C stops the demo.");
@@ -119,7 +138,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

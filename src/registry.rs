@@ -96,15 +96,25 @@ impl Default for Health {
 /// What one probe (or one passive observation) found.
 #[derive(Debug, Clone)]
 pub enum Observation {
-    Success { latency: Duration },
-    Failure { error: String, latency: Option<Duration> },
+    Success {
+        latency: Duration,
+    },
+    Failure {
+        error: String,
+        latency: Option<Duration>,
+    },
 }
 
 impl Health {
     /// Apply one observation. `unknown` turns healthy on its first success; `failure_threshold`
     /// consecutive failures make a replica unhealthy; `recovery_threshold` consecutive successes
     /// bring an unhealthy one back.
-    pub fn observe(&mut self, observation: &Observation, failure_threshold: u32, recovery_threshold: u32) {
+    pub fn observe(
+        &mut self,
+        observation: &Observation,
+        failure_threshold: u32,
+        recovery_threshold: u32,
+    ) {
         match observation {
             Observation::Success { latency } => {
                 self.consecutive_failures = 0;
@@ -136,7 +146,10 @@ impl Health {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// One replica as seen in a snapshot.
@@ -213,7 +226,11 @@ impl Registry {
     pub fn observe_all(&self, observations: impl IntoIterator<Item = (usize, Observation)>) {
         let mut health = self.health.lock().unwrap();
         for (index, observation) in observations {
-            health[index].observe(&observation, self.failure_threshold, self.recovery_threshold);
+            health[index].observe(
+                &observation,
+                self.failure_threshold,
+                self.recovery_threshold,
+            );
         }
         self.publish(&health);
     }
@@ -258,9 +275,17 @@ mod tests {
         let mut h = Health::default();
         assert_eq!(h.status, Status::Unknown);
         h.observe(&fail(), 3, 2);
-        assert_eq!(h.status, Status::Unknown, "failures below threshold keep unknown");
+        assert_eq!(
+            h.status,
+            Status::Unknown,
+            "failures below threshold keep unknown"
+        );
         h.observe(&ok(), 3, 2);
-        assert_eq!(h.status, Status::Healthy, "first success makes unknown healthy");
+        assert_eq!(
+            h.status,
+            Status::Healthy,
+            "first success makes unknown healthy"
+        );
         h.observe(&fail(), 3, 2);
         h.observe(&fail(), 3, 2);
         assert_eq!(h.status, Status::Healthy);
@@ -268,7 +293,11 @@ mod tests {
         assert_eq!(h.status, Status::Unhealthy);
         assert_eq!(h.consecutive_failures, 3);
         h.observe(&ok(), 3, 2);
-        assert_eq!(h.status, Status::Unhealthy, "one success is below recovery threshold");
+        assert_eq!(
+            h.status,
+            Status::Unhealthy,
+            "one success is below recovery threshold"
+        );
         h.observe(&fail(), 3, 2);
         h.observe(&ok(), 3, 2);
         assert_eq!(h.status, Status::Unhealthy, "successes must be consecutive");

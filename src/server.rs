@@ -44,7 +44,11 @@ impl Router {
         let listener = TcpListener::bind(config.listen_addr()).await?;
         let registry = Arc::new(Registry::new(&config));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let proxy = Arc::new(Proxy::new(registry.clone(), config.limits.clone(), shutdown_rx));
+        let proxy = Arc::new(Proxy::new(
+            registry.clone(),
+            config.limits.clone(),
+            shutdown_rx,
+        ));
         Ok(Router {
             listener,
             registry,
@@ -66,7 +70,11 @@ impl Router {
     /// Serve until `shutdown` resolves; then stop accepting, send 1001 to both sides of every
     /// session, and return once they are closed or the drain timeout has passed.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
-        let health = tokio::spawn(health::run(self.registry.clone(), self.probe.clone(), self.config.health_check.clone()));
+        let health = tokio::spawn(health::run(
+            self.registry.clone(),
+            self.probe.clone(),
+            self.config.health_check.clone(),
+        ));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::registry::Replica;
 
-const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65";
+const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 section 4.2.2).
 pub fn accept_key(key: &[u8]) -> String {
@@ -53,25 +53,46 @@ pub fn check_client_request<B>(req: &Request<B>) -> Result<(), Refusal> {
     if !header_has_token(headers, header::UPGRADE, "websocket")
         || !header_has_token(headers, header::CONNECTION, "upgrade")
     {
-        return Err(refuse(StatusCode::UPGRADE_REQUIRED, "this endpoint only accepts WebSocket upgrades"));
+        return Err(refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint only accepts WebSocket upgrades",
+        ));
     }
     if req.method() != Method::GET {
-        return Err(refuse(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade must use GET"));
+        return Err(refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a WebSocket upgrade must use GET",
+        ));
     }
     if req.version() != hyper::Version::HTTP_11 {
-        return Err(refuse(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1"));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
     }
     match headers.get(header::SEC_WEBSOCKET_VERSION) {
         Some(v) if v == "13" => {}
-        _ => return Err(refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13")),
+        _ => {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Version must be 13",
+            ))
+        }
     }
     let key_ok = headers.get_all(header::SEC_WEBSOCKET_KEY).iter().count() == 1
         && headers
             .get(header::SEC_WEBSOCKET_KEY)
-            .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).ok())
+            .and_then(|k| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(k.as_bytes())
+                    .ok()
+            })
             .is_some_and(|k| k.len() == 16);
     if !key_ok {
-        return Err(refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be one base64-encoded 16-byte value"));
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be one base64-encoded 16-byte value",
+        ));
     }
     Ok(())
 }
@@ -108,22 +129,41 @@ pub fn upstream_request(
     replica: &Replica,
     key: &str,
 ) -> Request<Empty<Bytes>> {
-    let path = client.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = client
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let mut req = Request::new(Empty::new());
-    *req.uri_mut() = path.parse().unwrap_or_else(|_| hyper::Uri::from_static("/"));
+    *req.uri_mut() = path
+        .parse()
+        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
     let headers = req.headers_mut();
     for (name, value) in &client.headers {
         if !is_hop_header(name) && *name != "x-forwarded-for" {
             headers.append(name.clone(), value.clone());
         }
     }
-    headers.insert(header::HOST, HeaderValue::from_str(&replica.authority).expect("validated authority"));
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&replica.authority).expect("validated authority"),
+    );
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-    headers.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_str(key).expect("base64 key"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    headers.insert(
+        header::SEC_WEBSOCKET_KEY,
+        HeaderValue::from_str(key).expect("base64 key"),
+    );
     let ip = client_addr.ip().to_string();
-    let forwarded_for = match client.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match client
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prior) => format!("{prior}, {ip}"),
         None => ip,
     };
@@ -177,7 +217,9 @@ async fn connect_inner(
     client: &hyper::http::request::Parts,
     client_addr: SocketAddr,
 ) -> Result<Upstream, UpstreamError> {
-    let stream = TcpStream::connect(&replica.authority).await.map_err(UpstreamError::Connect)?;
+    let stream = TcpStream::connect(&replica.authority)
+        .await
+        .map_err(UpstreamError::Connect)?;
     stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
     let key = fastwebsockets::handshake::generate_key();
     let request = upstream_request(client, client_addr, replica, &key);
@@ -203,15 +245,27 @@ async fn connect_inner(
         });
     }
     let headers = response.headers();
-    if !header_has_token(headers, header::UPGRADE, "websocket") || !header_has_token(headers, header::CONNECTION, "upgrade") {
-        return Err(UpstreamError::Handshake("101 without Upgrade: websocket / Connection: upgrade".into()));
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return Err(UpstreamError::Handshake(
+            "101 without Upgrade: websocket / Connection: upgrade".into(),
+        ));
     }
     let expected = accept_key(key.as_bytes());
-    if headers.get(header::SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
-        return Err(UpstreamError::Handshake("wrong or missing Sec-WebSocket-Accept".into()));
+    if headers
+        .get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(|v| v.as_bytes())
+        != Some(expected.as_bytes())
+    {
+        return Err(UpstreamError::Handshake(
+            "wrong or missing Sec-WebSocket-Accept".into(),
+        ));
     }
     if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
-        return Err(UpstreamError::Handshake("replica enabled an extension that was not offered".into()));
+        return Err(UpstreamError::Handshake(
+            "replica enabled an extension that was not offered".into(),
+        ));
     }
     let mut response_headers = HeaderMap::new();
     if let Some(chosen) = headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
@@ -222,7 +276,9 @@ async fn connect_inner(
             .flat_map(|v| v.split(','))
             .any(|p| p.trim() == chosen_str);
         if !was_offered {
-            return Err(UpstreamError::Handshake(format!("replica chose subprotocol {chosen_str:?}, which the client did not offer")));
+            return Err(UpstreamError::Handshake(format!(
+                "replica chose subprotocol {chosen_str:?}, which the client did not offer"
+            )));
         }
         response_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen.clone());
     }
@@ -248,7 +304,10 @@ mod tests {
 
     #[test]
     fn accept_key_matches_rfc_example() {
-        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     fn request(headers: &[(&str, &str)]) -> Request<()> {
@@ -269,12 +328,26 @@ mod tests {
     #[test]
     fn client_checks() {
         assert_eq!(check_client_request(&request(&GOOD)), Ok(()));
-        assert_eq!(check_client_request(&request(&[])).unwrap_err().status, StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(
+            check_client_request(&request(&[])).unwrap_err().status,
+            StatusCode::UPGRADE_REQUIRED
+        );
         let bad_version = [GOOD[0], GOOD[1], ("sec-websocket-version", "8"), GOOD[3]];
-        assert_eq!(check_client_request(&request(&bad_version)).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            check_client_request(&request(&bad_version))
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
+        );
         let bad_key = [GOOD[0], GOOD[1], GOOD[2], ("sec-websocket-key", "short")];
-        assert_eq!(check_client_request(&request(&bad_key)).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            check_client_request(&request(&bad_key)).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
         let no_key = [GOOD[0], GOOD[1], GOOD[2]];
-        assert_eq!(check_client_request(&request(&no_key)).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            check_client_request(&request(&no_key)).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
     }
 }

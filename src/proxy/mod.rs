@@ -37,6 +37,9 @@ pub type Body = Full<Bytes>;
 /// The path clients open their WebSocket on (and the path used on the replicas).
 pub const STREAM_PATH: &str = "/v1/stream";
 
+/// Largest request head (request line plus headers) accepted; beyond it, 431.
+const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
+
 /// Write buffer per socket side; writes are coalesced into it and flushed when reads block.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
@@ -90,8 +93,11 @@ impl Proxy {
         let result = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(seconds(self.limits.header_read_timeout_seconds))
-            .max_buf_size(64 * 1024)
-            .serve_connection(TokioIo::new(stream), hyper_util::service::TowerToHyperService::new(service))
+            .max_header_size(MAX_REQUEST_HEAD_BYTES)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
             .with_upgrades()
             .await;
         if let Err(e) = result {
@@ -103,21 +109,40 @@ impl Proxy {
         match (req.method(), req.uri().path()) {
             (_, STREAM_PATH) => self.handle_stream(req, peer).await,
             (&hyper::Method::GET, "/health") => admin::health(),
-            (&hyper::Method::GET, "/status") => {
-                admin::status(&self.registry.snapshot(), self.active_sessions(), self.max_sessions())
-            }
-            _ => admin::json_response(StatusCode::NOT_FOUND, &admin::error_body("not_found", "no such endpoint")),
+            (&hyper::Method::GET, "/status") => admin::status(
+                &self.registry.snapshot(),
+                self.active_sessions(),
+                self.max_sessions(),
+            ),
+            _ => admin::json_response(
+                StatusCode::NOT_FOUND,
+                &admin::error_body("not_found", "no such endpoint"),
+            ),
         }
     }
 
-    async fn handle_stream(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle_stream(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         if let Err(refusal) = handshake::check_client_request(&req) {
-            let mut response = admin::json_response(refusal.status, &admin::error_body("bad_handshake", refusal.message));
-            if refusal.status == StatusCode::UPGRADE_REQUIRED || refusal.status == StatusCode::BAD_REQUEST {
-                response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            let mut response = admin::json_response(
+                refusal.status,
+                &admin::error_body("bad_handshake", refusal.message),
+            );
+            if refusal.status == StatusCode::UPGRADE_REQUIRED
+                || refusal.status == StatusCode::BAD_REQUEST
+            {
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             if refusal.status == StatusCode::UPGRADE_REQUIRED {
-                response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                response
+                    .headers_mut()
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             }
             return response;
         }
@@ -132,14 +157,18 @@ impl Proxy {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
 
-        let candidates: Vec<Arc<Replica>> =
-            balance::candidates(&self.registry.snapshot()).map(|r| r.replica.clone()).collect();
+        let candidates: Vec<Arc<Replica>> = balance::candidates(&self.registry.snapshot())
+            .map(|r| r.replica.clone())
+            .collect();
         let accept = handshake::accept_key(parts.headers[header::SEC_WEBSOCKET_KEY].as_bytes());
 
         if candidates.is_empty() {
             tracing::warn!(session = id, %peer, "no healthy replica");
             let order = CloseOrder {
-                error_json: Some(pump::error_json("gpu_unavailable", "no healthy replica is available; try again shortly")),
+                error_json: Some(pump::error_json(
+                    "gpu_unavailable",
+                    "no healthy replica is available; try again shortly",
+                )),
                 close: Some((1013, "no_healthy_replica".into())),
             };
             tokio::spawn(self.clone().refuse_session(client_upgrade, order, permit));
@@ -153,20 +182,38 @@ impl Proxy {
                 Ok(upstream) => {
                     tracing::debug!(session = id, %peer, replica = %replica.name, "session open");
                     let response = switching_protocols(&accept, Some(&upstream));
-                    tokio::spawn(self.clone().run_session(id, client_upgrade, upstream, replica, permit));
+                    tokio::spawn(self.clone().run_session(
+                        id,
+                        client_upgrade,
+                        upstream,
+                        replica,
+                        permit,
+                    ));
                     return response;
                 }
                 Err(UpstreamError::Refused(status)) => {
                     tracing::info!(session = id, replica = %replica.name, status = status.as_u16(), "replica refused the upgrade");
                     return admin::json_response(
                         status,
-                        &admin::error_body("upstream_refused", &format!("the worker refused the session with HTTP {}", status.as_u16())),
+                        &admin::error_body(
+                            "upstream_refused",
+                            &format!(
+                                "the worker refused the session with HTTP {}",
+                                status.as_u16()
+                            ),
+                        ),
                     );
                 }
                 Err(error) => {
                     tracing::warn!(session = id, replica = %replica.name, %error, "upstream connect failed; trying the next replica");
                     // Passive health: a failed connect counts like a failed probe.
-                    self.registry.observe(replica.index, Observation::Failure { error: error.to_string(), latency: None });
+                    self.registry.observe(
+                        replica.index,
+                        Observation::Failure {
+                            error: error.to_string(),
+                            latency: None,
+                        },
+                    );
                     failures.push(format!("{}: {error}", replica.name));
                 }
             }
@@ -183,11 +230,23 @@ impl Proxy {
     }
 
     /// Complete the client's upgrade only to tell it why there is no session.
-    async fn refuse_session(self: Arc<Self>, upgrade: hyper::upgrade::OnUpgrade, order: CloseOrder, permit: OwnedSemaphorePermit) {
-        let Some(client) = ClientSocket::upgrade(upgrade).await else { return };
+    async fn refuse_session(
+        self: Arc<Self>,
+        upgrade: hyper::upgrade::OnUpgrade,
+        order: CloseOrder,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let Some(client) = ClientSocket::upgrade(upgrade).await else {
+            return;
+        };
         let (mut read, mut write) = client.into_halves();
         {
-            let (mut ws_read, mut ws_write) = pump::split(&mut read, &mut write, Role::Server, self.limits.max_frame_bytes);
+            let (mut ws_read, mut ws_write) = pump::split(
+                &mut read,
+                &mut write,
+                Role::Server,
+                self.limits.max_frame_bytes,
+            );
             pump::write_order(&mut ws_write, order).await;
             let deadline = tokio::time::Instant::now() + seconds(self.limits.close_timeout_seconds);
             pump::drain_until_close(&mut ws_read, deadline).await;
@@ -206,15 +265,19 @@ impl Proxy {
         permit: OwnedSemaphorePermit,
     ) {
         let counted = replica.open_session();
-        let Some(client) = ClientSocket::upgrade(upgrade).await else { return };
+        let Some(client) = ClientSocket::upgrade(upgrade).await else {
+            return;
+        };
         let (mut client_read, mut client_write) = client.into_halves();
         let (upstream_read, upstream_write) = upstream.stream.into_split();
         let mut upstream_read = Prefixed::new(upstream.leftover, upstream_read);
         let mut upstream_write = BufWriter::with_capacity(WRITE_BUFFER_BYTES, upstream_write);
         let max = self.limits.max_frame_bytes;
         let end = {
-            let (mut cr, mut cw) = pump::split(&mut client_read, &mut client_write, Role::Server, max);
-            let (mut ur, mut uw) = pump::split(&mut upstream_read, &mut upstream_write, Role::Client, max);
+            let (mut cr, mut cw) =
+                pump::split(&mut client_read, &mut client_write, Role::Server, max);
+            let (mut ur, mut uw) =
+                pump::split(&mut upstream_read, &mut upstream_write, Role::Client, max);
             let mut shutdown = self.shutdown.clone();
             let shutdown = async move {
                 let _ = shutdown.wait_for(|stopping| *stopping).await;
@@ -241,8 +304,13 @@ fn log_session_end(id: u64, replica: &Replica, end: &pump::SessionEnd) {
 }
 
 fn unavailable(message: &str) -> Response<Body> {
-    let mut response = admin::json_response(StatusCode::SERVICE_UNAVAILABLE, &admin::error_body("unavailable", message));
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let mut response = admin::json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &admin::error_body("unavailable", message),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
 }
 
@@ -252,7 +320,10 @@ fn switching_protocols(accept: &str, upstream: Option<&Upstream>) -> Response<Bo
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(accept).expect("base64"));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(accept).expect("base64"),
+    );
     if let Some(upstream) = upstream {
         for (name, value) in &upstream.response_headers {
             headers.append(name.clone(), value.clone());
@@ -291,7 +362,10 @@ impl ClientSocket {
 
     fn into_halves(self) -> (Prefixed<OwnedReadHalf>, BufWriter<OwnedWriteHalf>) {
         let (read, write) = self.stream.into_split();
-        (Prefixed::new(self.leftover, read), BufWriter::with_capacity(WRITE_BUFFER_BYTES, write))
+        (
+            Prefixed::new(self.leftover, read),
+            BufWriter::with_capacity(WRITE_BUFFER_BYTES, write),
+        )
     }
 }
 
@@ -324,7 +398,11 @@ impl<R> Prefixed<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.prefix.has_remaining() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);

@@ -38,7 +38,10 @@ pub enum PumpEnd {
     SourceClosed,
     /// The source failed (gone, or broke the protocol). The pump already told the sink's
     /// peer; `owed_close` is the close code the source itself should get, if it is still there.
-    SourceFailed { owed_close: Option<u16>, error: String },
+    SourceFailed {
+        owed_close: Option<u16>,
+        error: String,
+    },
     /// Writing to the sink failed: its peer is gone.
     SinkFailed(String),
     /// The pump carried out a [`CloseOrder`] and drained its source.
@@ -48,7 +51,9 @@ pub enum PumpEnd {
 /// The close code owed to a peer whose read failed with `error`, or `None` if it is gone.
 pub fn close_code_for(error: &WebSocketError) -> Option<u16> {
     match error {
-        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => None,
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => None,
         WebSocketError::FrameTooLarge => Some(1009),
         WebSocketError::InvalidUTF8 => Some(1007),
         _ => Some(1002),
@@ -56,7 +61,8 @@ pub fn close_code_for(error: &WebSocketError) -> Option<u16> {
 }
 
 pub fn error_json(code: &str, message: &str) -> String {
-    serde_json::json!({"type": "error", "code": code, "message": message, "retryable": true}).to_string()
+    serde_json::json!({"type": "error", "code": code, "message": message, "retryable": true})
+        .to_string()
 }
 
 /// A close frame; reasons are cut to the 123 bytes a control frame can carry.
@@ -74,7 +80,11 @@ fn no_obligated_send(_: Frame<'_>) -> std::future::Ready<Result<(), std::io::Err
 }
 
 /// Configure a freshly split WebSocket for forwarding: control frames are the peer's business.
-pub fn configure<R, W>(read: &mut WebSocketRead<R>, write: &mut WebSocketWrite<W>, max_frame_bytes: usize) {
+pub fn configure<R, W>(
+    read: &mut WebSocketRead<R>,
+    write: &mut WebSocketWrite<W>,
+    max_frame_bytes: usize,
+) {
     read.set_auto_close(false);
     read.set_auto_pong(false);
     // fastwebsockets rejects payloads >= the limit; ours is inclusive.
@@ -83,7 +93,12 @@ pub fn configure<R, W>(read: &mut WebSocketRead<R>, write: &mut WebSocketWrite<W
     write.set_writev_threshold(16 * 1024);
 }
 
-pub fn split<R, W>(read: R, write: W, role: Role, max_frame_bytes: usize) -> (WebSocketRead<R>, WebSocketWrite<W>)
+pub fn split<R, W>(
+    read: R,
+    write: W,
+    role: Role,
+    max_frame_bytes: usize,
+) -> (WebSocketRead<R>, WebSocketWrite<W>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -95,7 +110,9 @@ where
 
 pub async fn write_order<W: AsyncWrite + Unpin>(sink: &mut WebSocketWrite<W>, order: CloseOrder) {
     if let Some(json) = order.error_json {
-        let _ = sink.write_frame(Frame::text(Payload::Owned(json.into_bytes()))).await;
+        let _ = sink
+            .write_frame(Frame::text(Payload::Owned(json.into_bytes())))
+            .await;
     }
     if let Some((code, reason)) = order.close {
         let _ = sink.write_frame(close_frame(code, &reason)).await;
@@ -108,9 +125,16 @@ pub async fn write_order<W: AsyncWrite + Unpin>(sink: &mut WebSocketWrite<W>, or
 fn failure_notice(direction: Direction, error: &WebSocketError) -> CloseOrder {
     match direction {
         Direction::ToClient => {
-            let code = if matches!(error, WebSocketError::FrameTooLarge) { 1009 } else { 1011 };
+            let code = if matches!(error, WebSocketError::FrameTooLarge) {
+                1009
+            } else {
+                1011
+            };
             CloseOrder {
-                error_json: Some(error_json("worker_failed", &format!("the connection to the worker failed: {error}"))),
+                error_json: Some(error_json(
+                    "worker_failed",
+                    &format!("the connection to the worker failed: {error}"),
+                )),
                 close: Some((code, "worker_failed".into())),
             }
         }
@@ -122,9 +146,13 @@ fn failure_notice(direction: Direction, error: &WebSocketError) -> CloseOrder {
 }
 
 /// Read and discard frames until the peer's Close arrives, the peer fails, or `deadline`.
-pub async fn drain_until_close<R: AsyncRead + Unpin>(source: &mut WebSocketRead<R>, deadline: Instant) {
+pub async fn drain_until_close<R: AsyncRead + Unpin>(
+    source: &mut WebSocketRead<R>,
+    deadline: Instant,
+) {
     let mut send = no_obligated_send;
-    while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, source.read_frame(&mut send)).await {
+    while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, source.read_frame(&mut send)).await
+    {
         if frame.opcode == OpCode::Close {
             return;
         }
@@ -135,7 +163,10 @@ pub async fn drain_until_close<R: AsyncRead + Unpin>(source: &mut WebSocketRead<
 enum Step<'f> {
     Read(Result<Frame<'f>, WebSocketError>),
     /// An order was carried out while a read was in flight; this is that read's result.
-    Ordered(Result<Result<Frame<'f>, WebSocketError>, tokio::time::error::Elapsed>, Instant),
+    Ordered(
+        Result<Result<Frame<'f>, WebSocketError>, tokio::time::error::Elapsed>,
+        Instant,
+    ),
 }
 
 /// Forward frames from `source` to `sink` until one side closes or fails, or an order arrives.
@@ -220,7 +251,9 @@ struct OptionalOrder<'a>(&'a mut Option<oneshot::Receiver<CloseOrder>>);
 impl Future for OptionalOrder<'_> {
     type Output = CloseOrder;
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<CloseOrder> {
-        let Some(rx) = self.0.as_mut() else { return Poll::Pending };
+        let Some(rx) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
         match Pin::new(rx).poll(cx) {
             Poll::Ready(Ok(order)) => {
                 *self.0 = None;
@@ -262,8 +295,20 @@ where
 {
     let (order_up_tx, order_up_rx) = oneshot::channel();
     let (order_down_tx, order_down_rx) = oneshot::channel();
-    let up = pump(client_read, upstream_write, Direction::ToUpstream, order_up_rx, close_timeout);
-    let down = pump(upstream_read, client_write, Direction::ToClient, order_down_rx, close_timeout);
+    let up = pump(
+        client_read,
+        upstream_write,
+        Direction::ToUpstream,
+        order_up_rx,
+        close_timeout,
+    );
+    let down = pump(
+        upstream_read,
+        client_write,
+        Direction::ToClient,
+        order_down_rx,
+        close_timeout,
+    );
     tokio::pin!(up, down, shutdown);
 
     // Bound on waiting for the other pump once one has ended: its own drain deadline plus slack.
@@ -320,5 +365,7 @@ where
 }
 
 async fn finish(pump: impl Future<Output = PumpEnd>, within: Duration) -> PumpEnd {
-    tokio::time::timeout(within, pump).await.unwrap_or(PumpEnd::Ordered)
+    tokio::time::timeout(within, pump)
+        .await
+        .unwrap_or(PumpEnd::Ordered)
 }

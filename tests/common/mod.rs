@@ -1,0 +1,241 @@
+//! Test harness: a real router on 127.0.0.1:0 in front of real replicas, and a real
+//! WebSocket client. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, WebSocket};
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wsrouter::registry::{Registry, Status};
+use wsrouter::{Config, Drain, Router};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Await `fut`, failing the test if it takes longer than `WAIT`.
+pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Poll `check` until it holds (bounded): for state that changes on its own schedule.
+pub async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    bounded(what, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+pub struct TestRouter {
+    pub addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Drain>>,
+}
+
+/// Replicas section for `urls` (the first is primary when `primary_first`).
+pub fn replicas_toml(urls: &[String], primary_first: bool) -> String {
+    urls.iter()
+        .enumerate()
+        .map(|(i, u)| {
+            format!(
+                "[[replicas]]\nname = \"r{i}\"\nurl = \"{u}\"\nprimary = {}\n",
+                primary_first && i == 0
+            )
+        })
+        .collect()
+}
+
+/// A config with fast health checks on 127.0.0.1:0; `extra` is spliced in before the replicas.
+pub fn config(urls: &[String], extra: &str) -> Config {
+    let text = format!(
+        "[listen]\nhost = \"127.0.0.1\"\nport = 0\n[health_check]\ninterval_seconds = 0.05\ntimeout_seconds = 0.5\nfailure_threshold = 2\nrecovery_threshold = 2\n{extra}\n{}",
+        replicas_toml(urls, true)
+    );
+    Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+}
+
+impl TestRouter {
+    pub async fn start(config: Config) -> TestRouter {
+        let router = Router::bind(config).await.expect("bind router");
+        TestRouter::run(router)
+    }
+
+    pub fn run(router: Router) -> TestRouter {
+        let addr = router.local_addr();
+        let registry = router.registry();
+        let (stop, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(router.serve(async {
+            let _ = stop_rx.await;
+        }));
+        TestRouter {
+            addr,
+            registry,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn status_of(&self, index: usize) -> Status {
+        self.registry.snapshot().replicas[index].health.status
+    }
+
+    pub async fn wait_status(&self, index: usize, status: Status) {
+        until(&format!("replica {index} to be {status:?}"), || {
+            self.status_of(index) == status
+        })
+        .await;
+    }
+
+    /// Trigger the drain and wait for `serve` to return.
+    pub async fn shutdown(&mut self) -> Drain {
+        let _ = self.stop.take().expect("running").send(());
+        bounded("router shutdown", self.task.take().unwrap())
+            .await
+            .expect("serve task")
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/stream", self.addr)
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+pub type Client = WebSocket<TokioIo<Upgraded>>;
+
+/// Open a WebSocket to `addr` at `path` with extra headers; returns the socket and the 101.
+pub async fn connect_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Client, hyper::Response<hyper::body::Incoming>), fastwebsockets::WebSocketError> {
+    let stream = TcpStream::connect(addr).await.expect("tcp connect");
+    let mut req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header(
+            "sec-websocket-key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("sec-websocket-version", "13");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let (mut ws, response) = fastwebsockets::handshake::client(
+        &SpawnExecutor,
+        req.body(Empty::<Bytes>::new()).unwrap(),
+        stream,
+    )
+    .await?;
+    ws.set_auto_pong(false);
+    Ok((ws, response))
+}
+
+pub async fn connect(addr: SocketAddr) -> Client {
+    bounded("websocket connect", connect_with(addr, "/v1/stream", &[]))
+        .await
+        .expect("websocket handshake")
+        .0
+}
+
+pub async fn read(ws: &mut Client) -> Frame<'static> {
+    bounded("a frame", ws.read_frame())
+        .await
+        .expect("read frame")
+}
+
+pub fn close_code(frame: &Frame) -> (u16, String) {
+    assert_eq!(frame.opcode, OpCode::Close, "expected a close frame");
+    let code = u16::from_be_bytes([frame.payload[0], frame.payload[1]]);
+    (
+        code,
+        String::from_utf8_lossy(&frame.payload[2..]).to_string(),
+    )
+}
+
+/// Read the JSON error frame and the close that follows it.
+pub async fn read_error_and_close(ws: &mut Client) -> (serde_json::Value, u16, String) {
+    let frame = read(ws).await;
+    assert_eq!(
+        frame.opcode,
+        OpCode::Text,
+        "expected the JSON error frame first"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&frame.payload).expect("error frame is JSON");
+    let close = read(ws).await;
+    let (code, reason) = close_code(&close);
+    (json, code, reason)
+}
+
+/// A free loopback port with nothing listening on it.
+pub fn dead_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Send a raw HTTP request and return the status line and the full response text.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    bounded("raw http response", async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    // Stop at the end of a response with Content-Length.
+                    let text = String::from_utf8_lossy(&out);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text[..head_end].lines().find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        });
+                        if let Some(len) = len {
+                            if out.len() >= head_end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).to_string()
+}

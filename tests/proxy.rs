@@ -1,0 +1,437 @@
+//! The proxy over real sockets: forwarding, failover, errors, limits, shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use fastwebsockets::{Frame, OpCode, Payload};
+use wsrouter::echo::EchoReplica;
+use wsrouter::registry::Status;
+use wsrouter::Drain;
+
+async fn one_replica(extra: &str) -> (EchoReplica, TestRouter) {
+    let replica = EchoReplica::start().await.unwrap();
+    let router = TestRouter::start(config(&[replica.url()], extra)).await;
+    router.wait_status(0, Status::Healthy).await;
+    (replica, router)
+}
+
+#[tokio::test]
+async fn text_and_binary_are_echoed_through_the_router() {
+    let (_replica, router) = one_replica("").await;
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::text(Payload::Borrowed(b"hello")))
+        .await
+        .unwrap();
+    let frame = read(&mut ws).await;
+    assert_eq!(
+        (frame.opcode, &frame.payload[..]),
+        (OpCode::Text, &b"hello"[..])
+    );
+
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    ws.write_frame(Frame::binary(Payload::Borrowed(&big)))
+        .await
+        .unwrap();
+    let frame = read(&mut ws).await;
+    assert_eq!(frame.opcode, OpCode::Binary);
+    assert!(
+        frame.payload[..] == big[..],
+        "binary payload changed in transit"
+    );
+
+    let status = router.registry.snapshot();
+    assert_eq!(status.replicas[0].replica.active_sessions(), 1);
+}
+
+#[tokio::test]
+async fn fragments_and_control_frames_pass_unchanged() {
+    let (_replica, router) = one_replica("").await;
+    let mut ws = connect(router.addr).await;
+    let parts: [(&[u8], OpCode, bool); 3] = [
+        (b"frag-1 ", OpCode::Text, false),
+        (b"frag-2 ", OpCode::Continuation, false),
+        (b"end", OpCode::Continuation, true),
+    ];
+    for (payload, opcode, fin) in parts {
+        ws.write_frame(Frame::new(fin, opcode, None, Payload::Borrowed(payload)))
+            .await
+            .unwrap();
+    }
+    for (payload, opcode, fin) in parts {
+        let frame = read(&mut ws).await;
+        assert_eq!(
+            (frame.opcode, frame.fin, &frame.payload[..]),
+            (opcode, fin, payload),
+            "fragment changed"
+        );
+    }
+    // A ping travels to the replica, which answers; the pong comes back with the payload.
+    ws.write_frame(Frame::new(
+        true,
+        OpCode::Ping,
+        None,
+        Payload::Borrowed(b"tick"),
+    ))
+    .await
+    .unwrap();
+    let frame = read(&mut ws).await;
+    assert_eq!(
+        (frame.opcode, &frame.payload[..]),
+        (OpCode::Pong, &b"tick"[..])
+    );
+}
+
+#[tokio::test]
+async fn close_codes_pass_through_both_ways() {
+    let (_replica, router) = one_replica("").await;
+    // Client closes with 4000: the replica echoes its close, which comes back unchanged.
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::close(4000, b"client bye"))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&read(&mut ws).await),
+        (4000, "client bye".into())
+    );
+
+    // The replica closes with 4001: the client sees that code, not a generic one.
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::text(Payload::Borrowed(b"close:4001:replica done")))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&read(&mut ws).await),
+        (4001, "replica done".into())
+    );
+}
+
+#[tokio::test]
+async fn no_healthy_replica_gets_gpu_unavailable_and_1013() {
+    let replica = EchoReplica::start().await.unwrap();
+    replica.set_health_status(503);
+    let router = TestRouter::start(config(&[replica.url()], "")).await;
+    router.wait_status(0, Status::Unhealthy).await;
+    let mut ws = connect(router.addr).await;
+    let (json, code, reason) = read_error_and_close(&mut ws).await;
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["code"], "gpu_unavailable");
+    assert_eq!(json["retryable"], true);
+    assert!(json["message"]
+        .as_str()
+        .unwrap()
+        .contains("no healthy replica"));
+    assert_eq!((code, reason.as_str()), (1013, "no_healthy_replica"));
+}
+
+#[tokio::test]
+async fn primary_first_then_secondary_when_primary_is_unhealthy() {
+    let primary = EchoReplica::start().await.unwrap();
+    let secondary = EchoReplica::start().await.unwrap();
+    let router = TestRouter::start(config(&[primary.url(), secondary.url()], "")).await;
+    router.wait_status(0, Status::Healthy).await;
+    router.wait_status(1, Status::Healthy).await;
+    let _ws = connect(router.addr).await;
+    assert!(
+        primary.last_request().is_some(),
+        "session should land on the primary"
+    );
+    assert!(secondary.last_request().is_none());
+
+    primary.set_health_status(500);
+    router.wait_status(0, Status::Unhealthy).await;
+    let _ws2 = connect(router.addr).await;
+    assert!(
+        secondary.last_request().is_some(),
+        "session should fail over to the secondary"
+    );
+
+    // Recovery needs recovery_threshold consecutive successes, then the primary is used again.
+    primary.set_health_status(200);
+    router.wait_status(0, Status::Healthy).await;
+    let before = router.registry.snapshot().replicas[0]
+        .replica
+        .total_sessions();
+    let _ws3 = connect(router.addr).await;
+    assert_eq!(
+        router.registry.snapshot().replicas[0]
+            .replica
+            .total_sessions(),
+        before + 1
+    );
+}
+
+#[tokio::test]
+async fn failed_upstream_connect_moves_to_next_replica_and_counts_against_health() {
+    let primary = EchoReplica::start().await.unwrap();
+    let secondary = EchoReplica::start().await.unwrap();
+    // Slow probes so the primary's death is seen by the proxy before the health loop.
+    let text = format!(
+        "[listen]\nhost = \"127.0.0.1\"\nport = 0\n[health_check]\ninterval_seconds = 30\nfailure_threshold = 1\n{}",
+        replicas_toml(&[primary.url(), secondary.url()], true)
+    );
+    let router = TestRouter::start(wsrouter::Config::parse(&text).unwrap()).await;
+    router.wait_status(0, Status::Healthy).await;
+    router.wait_status(1, Status::Healthy).await;
+    primary.kill();
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::text(Payload::Borrowed(b"still here")))
+        .await
+        .unwrap();
+    assert_eq!(&read(&mut ws).await.payload[..], b"still here");
+    assert!(secondary.last_request().is_some());
+    // Passive health: the refused connect counted as a failure (threshold 1 -> unhealthy).
+    let snapshot = router.registry.snapshot();
+    assert_eq!(snapshot.replicas[0].health.status, Status::Unhealthy);
+    assert!(snapshot.replicas[0]
+        .health
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("connect"));
+}
+
+#[tokio::test]
+async fn every_replica_failing_gives_worker_failed_with_each_error() {
+    // A listener that accepts TCP and never answers: the handshake times out.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_url = format!("http://{}", hang.local_addr().unwrap());
+    let dead_url = format!("http://127.0.0.1:{}", dead_port());
+    let text = format!(
+        "[listen]\nhost = \"127.0.0.1\"\nport = 0\n[health_check]\ninterval_seconds = 30\n[limits]\nconnect_timeout_seconds = 0.3\n{}",
+        replicas_toml(&[hang_url, dead_url], true)
+    );
+    let config = wsrouter::Config::parse(&text).unwrap();
+    // Mark both healthy by hand, as if they had just passed their probes.
+    let router = wsrouter::Router::bind_with_probe(config, std::sync::Arc::new(AlwaysHealthy))
+        .await
+        .unwrap();
+    let router = TestRouter::run(router);
+    router.wait_status(0, Status::Healthy).await;
+    router.wait_status(1, Status::Healthy).await;
+    let started = Instant::now();
+    let mut ws = connect(router.addr).await;
+    let (json, code, _) = read_error_and_close(&mut ws).await;
+    assert_eq!(json["code"], "worker_failed");
+    let message = json["message"].as_str().unwrap();
+    assert!(message.contains("r0: no handshake within"), "{message}");
+    assert!(message.contains("r1: connect failed"), "{message}");
+    assert_eq!(code, 1011);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(hang);
+}
+
+struct AlwaysHealthy;
+
+impl wsrouter::health::Probe for AlwaysHealthy {
+    fn probe(&self, _: &wsrouter::registry::Replica) -> wsrouter::health::ProbeFuture {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test]
+async fn replica_killed_mid_session_gives_worker_failed_and_1011_promptly() {
+    let (replica, router) = one_replica("").await;
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::text(Payload::Borrowed(b"ping")))
+        .await
+        .unwrap();
+    read(&mut ws).await;
+    let killed = Instant::now();
+    replica.kill();
+    let (json, code, reason) = read_error_and_close(&mut ws).await;
+    assert_eq!(json["code"], "worker_failed");
+    assert_eq!(json["retryable"], true);
+    assert_eq!((code, reason.as_str()), (1011, "worker_failed"));
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn query_headers_and_subprotocol_are_forwarded() {
+    let (replica, router) = one_replica("").await;
+    let headers = [
+        ("sec-websocket-protocol", "v2.stream, v1.stream"),
+        ("origin", "https://app.example"),
+        ("authorization", "Bearer t0ken"),
+        ("cookie", "session=abc"),
+        ("x-forwarded-for", "10.1.2.3"),
+        (
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits",
+        ),
+    ];
+    let (_ws, response) = bounded(
+        "connect",
+        connect_with(router.addr, "/v1/stream?model=fast&seed=7", &headers),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "v2.stream");
+    assert!(response.headers().get("sec-websocket-extensions").is_none());
+    let seen = replica.last_request().unwrap();
+    assert_eq!(seen.uri, "/v1/stream?model=fast&seed=7");
+    let h = &seen.headers;
+    assert_eq!(h["sec-websocket-protocol"], "v2.stream, v1.stream");
+    assert_eq!(h["origin"], "https://app.example");
+    assert_eq!(h["authorization"], "Bearer t0ken");
+    assert_eq!(h["cookie"], "session=abc");
+    assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], router.addr.to_string());
+    assert_eq!(h["host"], replica.addr().to_string());
+    assert!(
+        h.get("sec-websocket-extensions").is_none(),
+        "deflate offer must be stripped"
+    );
+}
+
+#[tokio::test]
+async fn bad_handshakes_get_http_errors() {
+    let (_replica, router) = one_replica("").await;
+    let plain = raw_http(
+        router.addr,
+        "GET /v1/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
+    let no_key = raw_http(
+        router.addr,
+        "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(no_key.starts_with("HTTP/1.1 400"), "{no_key}");
+    let bad_version = raw_http(
+        router.addr,
+        "GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(bad_version.starts_with("HTTP/1.1 400"), "{bad_version}");
+    assert!(bad_version
+        .to_ascii_lowercase()
+        .contains("sec-websocket-version: 13"));
+    let huge = format!(
+        "GET /status HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let too_big = raw_http(router.addr, &huge).await;
+    assert!(
+        too_big.starts_with("HTTP/1.1 431"),
+        "{}",
+        &too_big[..too_big.len().min(200)]
+    );
+    let missing = raw_http(router.addr, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+}
+
+#[tokio::test]
+async fn status_and_health_endpoints() {
+    let (_replica, router) = one_replica("").await;
+    let health = raw_http(router.addr, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.contains("\"ok\""),
+        "{health}"
+    );
+    let _ws = connect(router.addr).await;
+    let status = raw_http(router.addr, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let body = &status[status.find("\r\n\r\n").unwrap() + 4..];
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    let r = &json["replicas"][0];
+    for key in [
+        "url",
+        "primary",
+        "status",
+        "last_ok_at",
+        "last_latency_ms",
+        "consecutive_failures",
+        "name",
+        "weight",
+        "active_sessions",
+    ] {
+        assert!(r.get(key).is_some(), "/status lacks {key}: {r}");
+    }
+    assert_eq!(r["status"], "healthy");
+    assert_eq!(r["primary"], true);
+    assert_eq!(r["active_sessions"], 1);
+    assert_eq!(json["sessions"]["active"], 1);
+    assert!(r["last_ok_at"].as_f64().unwrap() > 1.7e9);
+}
+
+#[tokio::test]
+async fn oversized_frames_close_with_1009() {
+    let (replica, router) = one_replica("[limits]\nmax_frame_bytes = 1024\n").await;
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::binary(Payload::Owned(vec![7; 1024])))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&mut ws).await.payload.len(),
+        1024,
+        "a frame at the limit passes"
+    );
+    ws.write_frame(Frame::binary(Payload::Owned(vec![7; 1025])))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&read(&mut ws).await).0, 1009);
+    // The replica side is closed too: the session is gone from the counters.
+    until("session to end", || {
+        router.registry.snapshot().replicas[0]
+            .replica
+            .active_sessions()
+            == 0
+    })
+    .await;
+    drop(replica);
+}
+
+#[tokio::test]
+async fn session_limit_answers_503() {
+    let (_replica, router) = one_replica("[limits]\nmax_sessions = 1\n").await;
+    let _first = connect(router.addr).await;
+    let second = bounded(
+        "second connect",
+        connect_with(router.addr, "/v1/stream", &[]),
+    )
+    .await;
+    match second {
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(503)) => {}
+        other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_at_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_replica, router) = one_replica("[limits]\nheader_read_timeout_seconds = 0.3\n").await;
+    let mut stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = bounded("connection close", stream.read_to_end(&mut buf)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_sends_1001_to_both_sides_and_drains() {
+    let (_replica, mut router) = one_replica("").await;
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::text(Payload::Borrowed(b"x")))
+        .await
+        .unwrap();
+    read(&mut ws).await;
+    let shutdown = tokio::spawn(async move { router.shutdown().await });
+    assert_eq!(close_code(&read(&mut ws).await).0, 1001);
+    // Our close reply (sent by fastwebsockets' auto_close) lets the drain complete.
+    assert_eq!(bounded("drain", shutdown).await.unwrap(), Drain::Complete);
+}
