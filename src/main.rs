@@ -87,14 +87,25 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
-    let router = match Router::bind(config).await {
-        Ok(router) => router,
+async fn bind(config: Config) -> Option<Router> {
+    let addr = config.listen_addr();
+    match Router::bind(config).await {
+        Ok(router) => Some(router),
         Err(e) => {
-            eprintln!("wsrouter: cannot listen: {e}");
-            return ExitCode::from(1);
+            eprintln!("wsrouter: cannot listen on {addr}: {e}");
+            None
         }
-    };
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    match bind(config).await {
+        Some(router) => serve(router).await,
+        None => ExitCode::from(1),
+    }
+}
+
+async fn serve(router: Router) -> ExitCode {
     tracing::info!(addr = %router.local_addr(), "wsrouter listening");
     match router.serve(shutdown_signal()).await {
         Drain::Complete => ExitCode::SUCCESS,
@@ -123,6 +134,7 @@ async fn demo(port: u16) -> ExitCode {
         secondary.url()
     );
     let config = Config::parse(&text).expect("demo config is valid");
+    let Some(router) = bind(config).await else { return ExitCode::from(1) };
     println!(
         "wsrouter demo: two echo replicas at {} (primary) and {}",
         primary.url(),
@@ -131,7 +143,7 @@ async fn demo(port: u16) -> ExitCode {
     println!("  WebSocket: ws://127.0.0.1:{port}/v1/stream   (every frame is echoed back)");
     println!("  status:    curl http://127.0.0.1:{port}/status");
     println!("  Ctrl-C stops the demo.");
-    run(config).await
+    serve(router).await
 }
 
 async fn shutdown_signal() {

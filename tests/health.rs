@@ -1,0 +1,106 @@
+//! The health loop against real replicas, and through the Probe trait.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use wsrouter::echo::EchoReplica;
+use wsrouter::health::{run_cycle, HttpProbe, Probe, ProbeFuture};
+use wsrouter::registry::{Registry, Replica, Status};
+
+#[tokio::test]
+async fn replica_that_accepts_but_never_answers_turns_unhealthy_by_timeout() {
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", hang.local_addr().unwrap());
+    let text = format!(
+        "[health_check]\ntimeout_seconds = 0.1\nfailure_threshold = 2\n{}",
+        replicas_toml(&[url], false)
+    );
+    let registry = Registry::new(&wsrouter::Config::parse(&text).unwrap());
+    let probe = HttpProbe::new("/health");
+    let started = Instant::now();
+    run_cycle(&registry, &probe, Duration::from_millis(100)).await;
+    assert_eq!(registry.snapshot().replicas[0].health.status, Status::Unknown);
+    run_cycle(&registry, &probe, Duration::from_millis(100)).await;
+    let health = &registry.snapshot().replicas[0].health;
+    assert_eq!(health.status, Status::Unhealthy);
+    assert!(health.last_error.as_deref().unwrap().contains("timed out"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn status_500_and_refused_connections_are_failures_and_recovery_needs_m_successes() {
+    let replica = EchoReplica::start().await.unwrap();
+    let dead = format!("http://127.0.0.1:{}", dead_port());
+    let text = format!(
+        "[health_check]\nfailure_threshold = 1\nrecovery_threshold = 3\n{}",
+        replicas_toml(&[replica.url(), dead], false)
+    );
+    let registry = Registry::new(&wsrouter::Config::parse(&text).unwrap());
+    let probe = HttpProbe::new("/health");
+    let cycle = || run_cycle(&registry, &probe, Duration::from_secs(1));
+    cycle().await;
+    let s = registry.snapshot();
+    assert_eq!(s.replicas[0].health.status, Status::Healthy);
+    assert_eq!(s.replicas[1].health.status, Status::Unhealthy);
+    assert!(s.replicas[1].health.last_error.as_deref().unwrap().contains("onnect"), "{:?}", s.replicas[1].health.last_error);
+
+    replica.set_health_status(500);
+    cycle().await;
+    let h = registry.snapshot().replicas[0].health.clone();
+    assert_eq!(h.status, Status::Unhealthy);
+    assert!(h.last_error.unwrap().contains("HTTP 500"));
+
+    replica.set_health_status(200);
+    for expected in [Status::Unhealthy, Status::Unhealthy, Status::Healthy] {
+        cycle().await;
+        assert_eq!(registry.snapshot().replicas[0].health.status, expected);
+    }
+}
+
+/// Sleeps before answering, counting how many probes run at once.
+struct SlowProbe {
+    delay: Duration,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Probe for SlowProbe {
+    fn probe(&self, _: &Replica) -> ProbeFuture {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (delay, running, peak) = (self.delay, self.running.clone(), self.peak.clone());
+        Box::pin(async move {
+            let now = running.fetch_add(1, SeqCst) + 1;
+            peak.fetch_max(now, SeqCst);
+            tokio::time::sleep(delay).await;
+            running.fetch_sub(1, SeqCst);
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn all_replicas_are_probed_in_parallel_and_published_together() {
+    let urls: Vec<String> = (0..8).map(|i| format!("http://127.0.0.1:{}", 10_000 + i)).collect();
+    let registry = Registry::new(&wsrouter::Config::parse(&replicas_toml(&urls, false)).unwrap());
+    let probe = SlowProbe {
+        delay: Duration::from_millis(100),
+        running: Default::default(),
+        peak: Default::default(),
+    };
+    run_cycle(&registry, &probe, Duration::from_secs(1)).await;
+    assert_eq!(probe.peak.load(std::sync::atomic::Ordering::SeqCst), 8, "probes should overlap");
+    assert!(registry.snapshot().replicas.iter().all(|r| r.health.status == Status::Healthy));
+}
+
+#[tokio::test]
+async fn a_held_snapshot_is_immutable_while_new_ones_are_published() {
+    let replica = EchoReplica::start().await.unwrap();
+    let registry = Registry::new(&wsrouter::Config::parse(&replicas_toml(&[replica.url()], false)).unwrap());
+    let before = registry.snapshot();
+    run_cycle(&registry, &HttpProbe::new("/health"), Duration::from_secs(1)).await;
+    assert_eq!(before.replicas[0].health.status, Status::Unknown);
+    assert_eq!(registry.snapshot().replicas[0].health.status, Status::Healthy);
+}
