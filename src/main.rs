@@ -134,7 +134,9 @@ async fn demo(port: u16) -> ExitCode {
         secondary.url()
     );
     let config = Config::parse(&text).expect("demo config is valid");
-    let Some(router) = bind(config).await else { return ExitCode::from(1) };
+    let Some(router) = bind(config).await else {
+        return ExitCode::from(1);
+    };
     println!(
         "wsrouter demo: two echo replicas at {} (primary) and {}",
         primary.url(),

@@ -18,28 +18,49 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn check_accepts_the_shipped_config() {
-    let out = Command::new(BIN).args(["check", "--config", "config/router.toml"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check", "--config", "config/router.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 replicas)"));
 }
 
 #[test]
 fn check_rejects_with_exit_2_and_names_the_key() {
     let path = write_config("bad.toml", "[[replicas]]\nurl = \"http://a\"\nprimary = true\n[[replicas]]\nurl = \"http://b\"\nprimary = true\n");
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("replicas[1].primary"), "{err}");
 
-    let out = Command::new(BIN).args(["check", "--config", "/nonexistent/router.toml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/router.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
 
 #[test]
 fn run_refuses_an_invalid_config() {
-    let path = write_config("bad-run.toml", "[health_check]\ninterval_seconds = 0\n[[replicas]]\nurl = \"http://a\"\n");
-    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    let path = write_config(
+        "bad-run.toml",
+        "[health_check]\ninterval_seconds = 0\n[[replicas]]\nurl = \"http://a\"\n",
+    );
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("health_check.interval_seconds"));
 }
@@ -61,8 +82,17 @@ async fn demo_serves_and_stops_on_sigterm() {
     // The replicas become healthy after their first probe.
     let mut ws = common::bounded("demo session", async {
         loop {
-            if let Ok(Ok((mut ws, _))) = tokio::time::timeout(Duration::from_secs(1), common::connect_with(addr, "/v1/stream", &[])).await {
-                ws.write_frame(fastwebsockets::Frame::text(fastwebsockets::Payload::Borrowed(b"hi"))).await.unwrap();
+            if let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+                Duration::from_secs(1),
+                common::connect_with(addr, "/v1/stream", &[]),
+            )
+            .await
+            {
+                ws.write_frame(fastwebsockets::Frame::text(
+                    fastwebsockets::Payload::Borrowed(b"hi"),
+                ))
+                .await
+                .unwrap();
                 // Until the first probe completes, the answer is the gpu_unavailable frame.
                 let frame = ws.read_frame().await.unwrap();
                 if &frame.payload[..] == b"hi" {
@@ -76,11 +106,20 @@ async fn demo_serves_and_stops_on_sigterm() {
     unsafe_sigterm(child.id());
     let close = common::read(&mut ws).await;
     assert_eq!(common::close_code(&close).0, 1001);
-    let status = common::bounded("demo exit", tokio::task::spawn_blocking(move || child.wait())).await.unwrap().unwrap();
+    let status = common::bounded(
+        "demo exit",
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert!(status.success(), "{status:?}");
 }
 
 fn unsafe_sigterm(pid: u32) {
-    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }

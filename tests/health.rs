@@ -22,7 +22,10 @@ async fn replica_that_accepts_but_never_answers_turns_unhealthy_by_timeout() {
     let probe = HttpProbe::new("/health");
     let started = Instant::now();
     run_cycle(&registry, &probe, Duration::from_millis(100)).await;
-    assert_eq!(registry.snapshot().replicas[0].health.status, Status::Unknown);
+    assert_eq!(
+        registry.snapshot().replicas[0].health.status,
+        Status::Unknown
+    );
     run_cycle(&registry, &probe, Duration::from_millis(100)).await;
     let health = &registry.snapshot().replicas[0].health;
     assert_eq!(health.status, Status::Unhealthy);
@@ -45,7 +48,16 @@ async fn status_500_and_refused_connections_are_failures_and_recovery_needs_m_su
     let s = registry.snapshot();
     assert_eq!(s.replicas[0].health.status, Status::Healthy);
     assert_eq!(s.replicas[1].health.status, Status::Unhealthy);
-    assert!(s.replicas[1].health.last_error.as_deref().unwrap().contains("onnect"), "{:?}", s.replicas[1].health.last_error);
+    assert!(
+        s.replicas[1]
+            .health
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("onnect"),
+        "{:?}",
+        s.replicas[1].health.last_error
+    );
 
     replica.set_health_status(500);
     cycle().await;
@@ -83,7 +95,9 @@ impl Probe for SlowProbe {
 
 #[tokio::test]
 async fn all_replicas_are_probed_in_parallel_and_published_together() {
-    let urls: Vec<String> = (0..8).map(|i| format!("http://127.0.0.1:{}", 10_000 + i)).collect();
+    let urls: Vec<String> = (0..8)
+        .map(|i| format!("http://127.0.0.1:{}", 10_000 + i))
+        .collect();
     let registry = Registry::new(&wsrouter::Config::parse(&replicas_toml(&urls, false)).unwrap());
     let probe = SlowProbe {
         delay: Duration::from_millis(100),
@@ -91,16 +105,33 @@ async fn all_replicas_are_probed_in_parallel_and_published_together() {
         peak: Default::default(),
     };
     run_cycle(&registry, &probe, Duration::from_secs(1)).await;
-    assert_eq!(probe.peak.load(std::sync::atomic::Ordering::SeqCst), 8, "probes should overlap");
-    assert!(registry.snapshot().replicas.iter().all(|r| r.health.status == Status::Healthy));
+    assert_eq!(
+        probe.peak.load(std::sync::atomic::Ordering::SeqCst),
+        8,
+        "probes should overlap"
+    );
+    assert!(registry
+        .snapshot()
+        .replicas
+        .iter()
+        .all(|r| r.health.status == Status::Healthy));
 }
 
 #[tokio::test]
 async fn a_held_snapshot_is_immutable_while_new_ones_are_published() {
     let replica = EchoReplica::start().await.unwrap();
-    let registry = Registry::new(&wsrouter::Config::parse(&replicas_toml(&[replica.url()], false)).unwrap());
+    let registry =
+        Registry::new(&wsrouter::Config::parse(&replicas_toml(&[replica.url()], false)).unwrap());
     let before = registry.snapshot();
-    run_cycle(&registry, &HttpProbe::new("/health"), Duration::from_secs(1)).await;
+    run_cycle(
+        &registry,
+        &HttpProbe::new("/health"),
+        Duration::from_secs(1),
+    )
+    .await;
     assert_eq!(before.replicas[0].health.status, Status::Unknown);
-    assert_eq!(registry.snapshot().replicas[0].health.status, Status::Healthy);
+    assert_eq!(
+        registry.snapshot().replicas[0].health.status,
+        Status::Healthy
+    );
 }

@@ -3,6 +3,9 @@
 
 pub mod handshake;
 pub mod pump;
+mod writer;
+
+use writer::Coalescing;
 
 use std::convert::Infallible;
 use std::io;
@@ -20,7 +23,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWriteExt, BufWriter, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -39,9 +42,6 @@ pub const STREAM_PATH: &str = "/v1/stream";
 
 /// Largest request head (request line plus headers) accepted; beyond it, 431.
 const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
-
-/// Write buffer per socket side; writes are coalesced into it and flushed when reads block.
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Shared state of the HTTP service.
 pub struct Proxy {
@@ -271,7 +271,7 @@ impl Proxy {
         let (mut client_read, mut client_write) = client.into_halves();
         let (upstream_read, upstream_write) = upstream.stream.into_split();
         let mut upstream_read = Prefixed::new(upstream.leftover, upstream_read);
-        let mut upstream_write = BufWriter::with_capacity(WRITE_BUFFER_BYTES, upstream_write);
+        let mut upstream_write = Coalescing::new(upstream_write);
         let max = self.limits.max_frame_bytes;
         let end = {
             let (mut cr, mut cw) =
@@ -360,18 +360,15 @@ impl ClientSocket {
         }
     }
 
-    fn into_halves(self) -> (Prefixed<OwnedReadHalf>, BufWriter<OwnedWriteHalf>) {
+    fn into_halves(self) -> (Prefixed<OwnedReadHalf>, Coalescing<OwnedWriteHalf>) {
         let (read, write) = self.stream.into_split();
-        (
-            Prefixed::new(self.leftover, read),
-            BufWriter::with_capacity(WRITE_BUFFER_BYTES, write),
-        )
+        (Prefixed::new(self.leftover, read), Coalescing::new(write))
     }
 }
 
 /// Flush and half-close our side, then read until the peer closes too (bounded), so unread
 /// bytes do not turn our close into a reset that could destroy the close frame in flight.
-async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: BufWriter<OwnedWriteHalf>) {
+async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: Coalescing<OwnedWriteHalf>) {
     let _ = write.shutdown().await;
     let mut sink = [0u8; 4096];
     let linger = async {
@@ -393,6 +390,12 @@ pub struct Prefixed<R> {
 
 impl<R> Prefixed<R> {
     pub fn new(prefix: Bytes, inner: R) -> Self {
+        // An empty slice may still pin hyper's whole read buffer: let it go.
+        let prefix = if prefix.is_empty() {
+            Bytes::new()
+        } else {
+            prefix
+        };
         Prefixed { prefix, inner }
     }
 }
@@ -407,6 +410,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

@@ -71,7 +71,7 @@ pub fn close_frame(code: u16, reason: &str) -> Frame<'static> {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    Frame::close(code, reason[..end].as_bytes())
+    Frame::close(code, &reason.as_bytes()[..end])
 }
 
 /// Nothing is ever owed by the reader with auto_close and auto_pong off.

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Side-by-side load comparison: direct connection, nginx, HAProxy and wsrouter, each in front
+# of the same two echo replicas (primary + backup), interleaved round by round.
+#
+#   load-tests/compare.sh              # full run (about 15 minutes on 2 cores)
+#   ROUNDS=1 DURATION=2 load-tests/compare.sh   # quick look
+#
+# Everything binds 127.0.0.1, every run is bounded in time, and all processes are stopped at
+# exit. The FD limit is raised as far as the hard limit allows (20000 here): peers are sized to
+# 9000 connections. Prints a Markdown table; raw JSON lines are kept in $OUT (default load-tests/results).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
+SIZES=${SIZES:-"64 65536"}
+CONNECTIONS=${CONNECTIONS:-"64 1000"}
+IDLE_SESSIONS=${IDLE_SESSIONS:-2000}
+OUT=${OUT:-load-tests/results}
+TARGETS="direct nginx haproxy wsrouter"
+REPLICA_PORTS=(18001 18002)
+declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002)
+
+# Two cores: the proxy under test gets core 0, the load generator and replicas core 1.
+if [ "$(nproc)" -ge 2 ]; then PROXY_CPU="taskset -c 0"; LOAD_CPU="taskset -c 1"; else PROXY_CPU=""; LOAD_CPU=""; fi
+
+install_peers() {
+  command -v nginx >/dev/null && command -v haproxy >/dev/null && return
+  echo "installing nginx and haproxy from Debian packages" >&2
+  # Keep the packages' own services from starting.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy >/dev/null 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+}
+
+install_peers
+cargo build --release -q -p wsrouter -p wsload
+BIN=target/release
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+RESULTS="$OUT/results-$(date +%Y%m%d-%H%M%S).jsonl"
+: > "$RESULTS"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+for port in "${REPLICA_PORTS[@]}"; do
+  $LOAD_CPU $BIN/wsload replica --port "$port" --max-seconds 7200 2>/dev/null &
+  PIDS+=($!)
+done
+
+cat > "$WORK/wsrouter.toml" <<CONF
+[listen]
+host = "127.0.0.1"
+port = ${PORT[wsrouter]}
+[limits]
+max_sessions = 60000
+[[replicas]]
+url = "http://127.0.0.1:${REPLICA_PORTS[0]}"
+primary = true
+[[replicas]]
+url = "http://127.0.0.1:${REPLICA_PORTS[1]}"
+CONF
+TOKIO_WORKER_THREADS=1 RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
+WSROUTER_PID=$!
+PIDS+=($WSROUTER_PID)
+
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 9000; }
+http {
+  access_log off;
+  client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
+  upstream replicas {
+    server 127.0.0.1:${REPLICA_PORTS[0]};
+    server 127.0.0.1:${REPLICA_PORTS[1]} backup;
+  }
+  server {
+    listen 127.0.0.1:${PORT[nginx]} backlog=4096;
+    location /v1/stream {
+      proxy_pass http://replicas;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+    }
+  }
+}
+CONF
+$PROXY_CPU nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" &
+PIDS+=($!)
+
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:${PORT[haproxy]}
+  default_backend replicas
+backend replicas
+  server primary 127.0.0.1:${REPLICA_PORTS[0]} check inter 5s
+  server backup 127.0.0.1:${REPLICA_PORTS[1]} check inter 5s backup
+CONF
+$PROXY_CPU haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" &
+HAPROXY_PID=$!
+PIDS+=($HAPROXY_PID)
+
+# Process ids whose CPU and memory are the target's own (none for a direct connection).
+target_pids() {
+  case "$1" in
+    wsrouter) echo "$WSROUTER_PID" ;;
+    haproxy) echo "$HAPROXY_PID" ;;
+    nginx) local master; master=$(cat "$WORK/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
+    direct) echo "" ;;
+  esac
+}
+
+cpu_ticks() {
+  local total=0
+  for p in "$@"; do
+    local stat; stat=$(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null) || continue
+    total=$((total + ${stat% *} + ${stat#* }))
+  done
+  echo $total
+}
+
+# Wait until every target answers a WebSocket session (health checks have run).
+for t in $TARGETS; do
+  ok=""
+  for _ in $(seq 1 100); do
+    if $BIN/wsload echo --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --connections 1 --duration 0.2 --warmup 0 2>/dev/null |
+       grep -q '"errors":0,.*"mismatches":0'; then ok=1; break; fi
+    sleep 0.2
+  done
+  [ -n "$ok" ] || { echo "$t did not come up; logs in $WORK" >&2; exit 1; }
+done
+
+TICK=$(getconf CLK_TCK)
+for round in $(seq 1 "$ROUNDS"); do
+  for size in $SIZES; do
+    for conns in $CONNECTIONS; do
+      for t in $TARGETS; do
+        pids=$(target_pids "$t")
+        before=$(cpu_ticks $pids)
+        line=$($LOAD_CPU $BIN/wsload echo --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" \
+               --connections "$conns" --size "$size" --duration "$DURATION" --warmup "$WARMUP")
+        after=$(cpu_ticks $pids)
+        echo "${line%\}},\"round\":$round,\"proxy_cpu_s\":$(python3 -c "print(($after-$before)/$TICK)")}" >> "$RESULTS"
+        echo "round $round: $t size=$size conns=$conns $(echo "$line" | grep -o '"msgs_per_s":[0-9.]*')" >&2
+      done
+    done
+  done
+  for t in $TARGETS; do
+    line=$($LOAD_CPU $BIN/wsload handshake --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" --duration "$DURATION")
+    echo "${line%\}},\"round\":$round}" >> "$RESULTS"
+    echo "round $round: $t $(echo "$line" | grep -o '"handshakes_per_s":[0-9.]*')" >&2
+  done
+done
+for t in nginx haproxy wsrouter; do
+  pid_args=""
+  for p in $(target_pids "$t"); do pid_args="$pid_args --pid $p"; done
+  line=$($LOAD_CPU $BIN/wsload idle --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" \
+         --connections "$IDLE_SESSIONS" --hold 3 $pid_args)
+  echo "$line" >> "$RESULTS"
+  echo "idle: $t $(echo "$line" | grep -o '"rss_per_session_bytes":[0-9.]*')" >&2
+done
+
+echo "raw results: $RESULTS" >&2
+python3 load-tests/report.py "$RESULTS"

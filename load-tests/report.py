@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Turn compare.sh's JSON lines into Markdown tables: medians over rounds, ratios to nginx and direct."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+TARGETS = ["direct", "nginx", "haproxy", "wsrouter"]
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(value, base):
+    return f"{value / base:.2f}" if base else "-"
+
+
+def main(path):
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    echo = defaultdict(list)
+    shakes = defaultdict(list)
+    idle = {}
+    problems = []
+    for r in rows:
+        if r["mode"] == "echo":
+            echo[(r["size"], r["connections"], r["target"])].append(r)
+            if r["errors"] or r["mismatches"]:
+                problems.append(f"{r['target']} size={r['size']} conns={r['connections']}: errors={r['errors']} mismatches={r['mismatches']}")
+        elif r["mode"] == "handshake":
+            shakes[r["target"]].append(r)
+        elif r["mode"] == "idle":
+            idle[r["target"]] = r
+    rounds = max((r.get("round", 1) for r in rows), default=1)
+    print(f"Echo load, median of {rounds} interleaved round(s); ratios are msgs/s against the peer.\n")
+    print("| size | conns | target | msgs/s | MB/s | p50 ms | p99 ms | proxy CPU us/msg | vs nginx | vs direct |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size, conns in sorted({(s, c) for s, c, _ in echo}):
+        med = {}
+        for t in TARGETS:
+            runs = echo.get((size, conns, t), [])
+            if runs:
+                med[t] = {k: median([r[k] for r in runs]) for k in ("msgs_per_s", "mb_per_s", "p50_us", "p99_us")}
+                cpu = [r["proxy_cpu_s"] * 1e6 / r["messages_total"] for r in runs if r.get("messages_total")]
+                med[t]["cpu"] = median(cpu) if t != "direct" else None
+        for t in TARGETS:
+            if t not in med:
+                continue
+            m = med[t]
+            cpu = "-" if m["cpu"] is None else f"{m['cpu']:.2f}"
+            label = "64 KiB" if size == 65536 else f"{size} B"
+            print(f"| {label} | {conns} | {t} | {m['msgs_per_s']:,.0f} | {m['mb_per_s']:,.1f} | {m['p50_us'] / 1000:.2f} | "
+                  f"{m['p99_us'] / 1000:.2f} | {cpu} | {ratio(m['msgs_per_s'], med.get('nginx', {}).get('msgs_per_s'))} | "
+                  f"{ratio(m['msgs_per_s'], med.get('direct', {}).get('msgs_per_s'))} |")
+    if shakes:
+        print("\n| target | handshakes/s | connect p50 ms | connect p99 ms | vs nginx | vs direct |")
+        print("|---|---|---|---|---|---|")
+        hs = {t: median([r["handshakes_per_s"] for r in shakes[t]]) for t in shakes}
+        for t in TARGETS:
+            if t in shakes:
+                p50 = median([r["p50_us"] for r in shakes[t]]) / 1000
+                p99 = median([r["p99_us"] for r in shakes[t]]) / 1000
+                print(f"| {t} | {hs[t]:,.0f} | {p50:.2f} | {p99:.2f} | {ratio(hs[t], hs.get('nginx'))} | {ratio(hs[t], hs.get('direct'))} |")
+    if idle:
+        print("\n| target | idle sessions held | RSS per idle session | sessions dead after hold |")
+        print("|---|---|---|---|")
+        for t in TARGETS:
+            if t in idle:
+                r = idle[t]
+                print(f"| {t} | {r['held']} | {r['rss_per_session_bytes'] / 1024:.1f} KiB | {r['dead_after_hold']} |")
+    if problems:
+        print("\nErrors or mismatched echoes:\n" + "\n".join(f"- {p}" for p in problems))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,542 @@
+//! wsload: bounded WebSocket load against loopback targets, one JSON result line per run.
+//!
+//! Modes: `echo` (N connections, K messages in flight, every echo checked byte for byte),
+//! `handshake` (open+close rate and connect latency), `idle` (N idle sessions, memory per
+//! session of the given processes), and `replica` (an echo replica with /health).
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
+use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpStream;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "wsload",
+    about = "Bounded WebSocket load generator (loopback targets only)"
+)]
+struct Cli {
+    /// Tokio worker threads.
+    #[arg(long, global = true, default_value_t = 1)]
+    threads: usize,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Args, Clone)]
+struct Target {
+    /// ws://127.0.0.1:PORT/path (loopback only).
+    #[arg(long)]
+    url: String,
+    /// Label copied into the result line.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Echo load: every message is checked byte for byte against what was sent.
+    Echo {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        /// Messages in flight per connection.
+        #[arg(long, default_value_t = 1)]
+        in_flight: usize,
+        /// Message size in bytes (binary frames).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Measured seconds (after the warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Total messages per second across all connections (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Handshake rate: connections opened, upgraded and closed per second.
+    Handshake {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// Hold N idle sessions and report the RSS growth of the given processes per session.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value_t = 3.0)]
+        hold: f64,
+        /// Process ids whose RSS is summed (e.g. the proxy and its workers).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+    },
+    /// Run an echo replica (GET /health, WS /v1/stream) on 127.0.0.1:PORT.
+    Replica {
+        #[arg(long)]
+        port: u16,
+        /// Stop by itself after this many seconds.
+        #[arg(long, default_value_t = 3600.0)]
+        max_seconds: f64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = runtime.block_on(async move {
+        match cli.mode {
+            Mode::Echo {
+                target,
+                connections,
+                in_flight,
+                size,
+                duration,
+                warmup,
+                rate,
+            } => echo(target, connections, in_flight, size, duration, warmup, rate).await,
+            Mode::Handshake {
+                target,
+                concurrency,
+                duration,
+            } => handshake(target, concurrency, duration).await,
+            Mode::Idle {
+                target,
+                connections,
+                hold,
+                pids,
+            } => idle(target, connections, hold, pids).await,
+            Mode::Replica { port, max_seconds } => replica(port, max_seconds).await,
+        }
+    });
+    match result {
+        Ok(Some(line)) => println!("{line}"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("wsload: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+type Client = WebSocket<TokioIo<Upgraded>>;
+
+/// Parse a ws:// url and refuse anything that is not loopback.
+fn loopback_target(url: &str) -> Result<(SocketAddr, String), String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or("url must start with ws://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    let authority = authority.replace("localhost", "127.0.0.1");
+    let addr: SocketAddr = authority
+        .parse()
+        .map_err(|_| format!("{authority:?} must be IP:PORT"))?;
+    let loopback = match addr.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => ip.is_loopback(),
+    };
+    if !loopback {
+        return Err(format!(
+            "{addr} is not a loopback address; wsload only targets 127.0.0.0/8 and ::1"
+        ));
+    }
+    Ok((addr, path))
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+async fn open(addr: SocketAddr, path: &str) -> Result<Client, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header(
+            "sec-websocket-key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    ws.set_max_message_size(64 << 20);
+    Ok(ws)
+}
+
+async fn close(mut ws: Client) {
+    if ws.write_frame(Frame::close(1000, b"")).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(frame) = ws.read_frame().await {
+                if frame.opcode == OpCode::Close {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn quantiles(h: &Histogram<u64>) -> serde_json::Value {
+    json!({
+        "p50_us": h.value_at_quantile(0.50),
+        "p99_us": h.value_at_quantile(0.99),
+        "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+    })
+}
+
+fn merge(mut into: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    if let (Some(a), Some(b)) = (into.as_object_mut(), extra.as_object()) {
+        for (k, v) in b {
+            a.insert(k.clone(), v.clone());
+        }
+    }
+    into
+}
+
+#[derive(Default)]
+struct EchoCounts {
+    /// Echoes completed in the measured window.
+    messages: AtomicU64,
+    /// Echoes completed in the whole run, warm-up included (for CPU per message).
+    messages_total: AtomicU64,
+    errors: AtomicU64,
+    mismatches: AtomicU64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn echo(
+    target: Target,
+    connections: usize,
+    in_flight: usize,
+    size: usize,
+    duration: f64,
+    warmup: f64,
+    rate: Option<f64>,
+) -> Result<Option<String>, String> {
+    let (addr, path) = loopback_target(&target.url)?;
+    if size < 8 {
+        return Err("--size must be at least 8 (the sequence number)".into());
+    }
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        clients.push(open(addr, &path).await?);
+    }
+    let counts = Arc::new(EchoCounts::default());
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(warmup);
+    let end = measure_from + Duration::from_secs_f64(duration);
+    let send_interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+    let mut tasks = Vec::new();
+    for (id, ws) in clients.into_iter().enumerate() {
+        let counts = counts.clone();
+        tasks.push(tokio::spawn(echo_connection(
+            ws,
+            id,
+            in_flight.max(1),
+            size,
+            measure_from,
+            end,
+            send_interval,
+            counts,
+        )));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for task in tasks {
+        if let Ok(h) = task.await {
+            histogram.add(h).unwrap();
+        }
+    }
+    let messages = counts.messages.load(Ordering::Relaxed);
+    let line = json!({
+        "mode": "echo", "target": target.label, "connections": connections, "in_flight": in_flight,
+        "size": size, "duration_s": duration,
+        "messages": messages,
+        "messages_total": counts.messages_total.load(Ordering::Relaxed),
+        "msgs_per_s": messages as f64 / duration,
+        "mb_per_s": messages as f64 * size as f64 * 2.0 / duration / 1e6,
+        "errors": counts.errors.load(Ordering::Relaxed),
+        "mismatches": counts.mismatches.load(Ordering::Relaxed),
+    });
+    Ok(Some(merge(line, quantiles(&histogram)).to_string()))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn echo_connection(
+    mut ws: Client,
+    id: usize,
+    in_flight: usize,
+    size: usize,
+    measure_from: Instant,
+    end: Instant,
+    send_interval: Option<Duration>,
+    counts: Arc<EchoCounts>,
+) -> Histogram<u64> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    // Each connection sends its own pattern; the first 8 bytes carry the sequence number.
+    let pattern: Vec<u8> = (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(id as u8))
+        .collect();
+    let mut message = pattern.clone();
+    let mut sent: VecDeque<(u64, Instant)> = VecDeque::with_capacity(in_flight);
+    let mut next_seq = 0u64;
+    let mut next_send = Instant::now();
+    for _ in 0..in_flight {
+        if send(&mut ws, &mut message, &mut sent, next_seq)
+            .await
+            .is_err()
+        {
+            counts.errors.fetch_add(1, Ordering::Relaxed);
+            return histogram;
+        }
+        next_seq += 1;
+    }
+    loop {
+        let frame = match tokio::time::timeout_at(end.into(), ws.read_frame()).await {
+            Err(_) => break,
+            Ok(Err(_)) => {
+                counts.errors.fetch_add(1, Ordering::Relaxed);
+                return histogram;
+            }
+            Ok(Ok(frame)) => frame,
+        };
+        if frame.opcode != OpCode::Binary {
+            continue;
+        }
+        let (seq, sent_at) = sent.pop_front().expect("an echo we did not ask for");
+        let payload = &frame.payload[..];
+        if payload.len() != size
+            || payload[..8] != seq.to_le_bytes()
+            || payload[8..] != pattern[8..]
+        {
+            counts.mismatches.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        counts.messages_total.fetch_add(1, Ordering::Relaxed);
+        if now >= measure_from {
+            counts.messages.fetch_add(1, Ordering::Relaxed);
+            let _ = histogram.record((now - sent_at).as_micros().max(1) as u64);
+        }
+        if now >= end {
+            break;
+        }
+        if let Some(interval) = send_interval {
+            next_send += interval;
+            tokio::time::sleep_until(next_send.into()).await;
+        }
+        if send(&mut ws, &mut message, &mut sent, next_seq)
+            .await
+            .is_err()
+        {
+            counts.errors.fetch_add(1, Ordering::Relaxed);
+            return histogram;
+        }
+        next_seq += 1;
+    }
+    // Collect what is still in flight so the close is clean.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !sent.is_empty() {
+            match ws.read_frame().await {
+                Ok(f) if f.opcode == OpCode::Binary => {
+                    sent.pop_front();
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    close(ws).await;
+    histogram
+}
+
+/// Stamp `seq` into the message, note when it left, and send it.
+async fn send(
+    ws: &mut Client,
+    message: &mut [u8],
+    sent: &mut VecDeque<(u64, Instant)>,
+    seq: u64,
+) -> Result<(), fastwebsockets::WebSocketError> {
+    message[..8].copy_from_slice(&seq.to_le_bytes());
+    sent.push_back((seq, Instant::now()));
+    ws.write_frame(Frame::binary(Payload::Borrowed(message)))
+        .await
+}
+
+async fn handshake(
+    target: Target,
+    concurrency: usize,
+    duration: f64,
+) -> Result<Option<String>, String> {
+    let (addr, path) = loopback_target(&target.url)?;
+    let end = Instant::now() + Duration::from_secs_f64(duration);
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (path, errors) = (path.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            while Instant::now() < end {
+                let started = Instant::now();
+                match tokio::time::timeout(Duration::from_secs(5), open(addr, &path)).await {
+                    Ok(Ok(ws)) => {
+                        let _ = histogram.record(started.elapsed().as_micros().max(1) as u64);
+                        close(ws).await;
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            histogram
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for task in tasks {
+        if let Ok(h) = task.await {
+            histogram.add(h).unwrap();
+        }
+    }
+    let line = json!({
+        "mode": "handshake", "target": target.label, "concurrency": concurrency, "duration_s": duration,
+        "handshakes": histogram.len(),
+        "handshakes_per_s": histogram.len() as f64 / duration,
+        "errors": errors.load(Ordering::Relaxed),
+    });
+    Ok(Some(merge(line, quantiles(&histogram)).to_string()))
+}
+
+/// Resident memory of a process in bytes (Linux /proc).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn total_rss(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&p| rss_bytes(p)).sum()
+}
+
+async fn idle(
+    target: Target,
+    connections: usize,
+    hold: f64,
+    pids: Vec<u32>,
+) -> Result<Option<String>, String> {
+    let (addr, path) = loopback_target(&target.url)?;
+    let before = total_rss(&pids);
+    let mut clients = Vec::with_capacity(connections);
+    let mut open_errors = 0u64;
+    // Open in batches so the target's accept queue is not the thing being measured.
+    for chunk_start in (0..connections).step_by(100) {
+        let batch = (chunk_start..connections.min(chunk_start + 100)).map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move { open(addr, &path).await })
+        });
+        for task in batch.collect::<Vec<_>>() {
+            match task.await {
+                Ok(Ok(ws)) => clients.push(ws),
+                _ => open_errors += 1,
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+    let during = total_rss(&pids);
+    // Every session must still be alive: one echo each.
+    let mut dead = 0u64;
+    for ws in clients.iter_mut() {
+        let alive = async {
+            ws.write_frame(Frame::binary(Payload::Borrowed(b"are you there")))
+                .await
+                .ok()?;
+            loop {
+                let f = ws.read_frame().await.ok()?;
+                if f.opcode == OpCode::Binary {
+                    return Some(());
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), alive)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            dead += 1;
+        }
+    }
+    let held = clients.len();
+    for ws in clients {
+        close(ws).await;
+    }
+    let growth = during.saturating_sub(before);
+    let line = json!({
+        "mode": "idle", "target": target.label, "connections": connections, "held": held,
+        "open_errors": open_errors, "dead_after_hold": dead,
+        "rss_before_bytes": before, "rss_during_bytes": during,
+        "rss_per_session_bytes": if held > 0 { growth as f64 / held as f64 } else { 0.0 },
+    });
+    Ok(Some(line.to_string()))
+}
+
+async fn replica(port: u16, max_seconds: f64) -> Result<Option<String>, String> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let replica = wsrouter::echo::EchoReplica::start_on(addr)
+        .await
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    eprintln!("wsload replica: echo at {}", replica.url());
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs_f64(max_seconds)) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => { term.recv().await; }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+    Ok(None)
+}
