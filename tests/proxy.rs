@@ -222,14 +222,6 @@ async fn every_replica_failing_gives_worker_failed_with_each_error() {
     drop(hang);
 }
 
-struct AlwaysHealthy;
-
-impl wsrouter::health::Probe for AlwaysHealthy {
-    fn probe(&self, _: &wsrouter::registry::Replica) -> wsrouter::health::ProbeFuture {
-        Box::pin(async { Ok(()) })
-    }
-}
-
 #[tokio::test]
 async fn replica_killed_mid_session_gives_worker_failed_and_1011_promptly() {
     let (replica, router) = one_replica("").await;
@@ -434,4 +426,60 @@ async fn shutdown_sends_1001_to_both_sides_and_drains() {
     assert_eq!(close_code(&read(&mut ws).await).0, 1001);
     // Our close reply (sent by fastwebsockets' auto_close) lets the drain complete.
     assert_eq!(bounded("drain", shutdown).await.unwrap(), Drain::Complete);
+}
+
+#[tokio::test]
+async fn replica_with_a_wrong_accept_key_is_skipped_for_the_next() {
+    let liar = raw_replica(RawMode::WrongAccept).await;
+    let good = EchoReplica::start().await.unwrap();
+    let router = start_always_healthy(&[format!("http://{liar}"), good.url()], "").await;
+    let mut ws = connect(router.addr).await;
+    ws.write_frame(Frame::text(Payload::Borrowed(b"ok?")))
+        .await
+        .unwrap();
+    assert_eq!(&read(&mut ws).await.payload[..], b"ok?");
+    let health = router.registry.snapshot().replicas[0].health.clone();
+    assert!(health.last_error.unwrap().contains("Sec-WebSocket-Accept"));
+    assert_eq!(health.consecutive_failures, 1);
+}
+
+#[tokio::test]
+async fn a_4xx_from_the_replica_is_relayed_and_not_held_against_it() {
+    let strict = raw_replica(RawMode::Status(403)).await;
+    let router = start_always_healthy(&[format!("http://{strict}")], "").await;
+    match bounded("connect", connect_with(router.addr, "/v1/stream", &[])).await {
+        Err(fastwebsockets::WebSocketError::InvalidStatusCode(403)) => {}
+        other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    assert_eq!(
+        router.registry.snapshot().replicas[0]
+            .health
+            .consecutive_failures,
+        0
+    );
+}
+
+#[tokio::test]
+async fn shutdown_reaches_a_session_whose_replica_streams_nonstop() {
+    let streamer = raw_replica(RawMode::Stream).await;
+    let mut router = start_always_healthy(
+        &[format!("http://{streamer}")],
+        "[limits]\nclose_timeout_seconds = 0.5",
+    )
+    .await;
+    let mut ws = connect(router.addr).await;
+    assert_eq!(read(&mut ws).await.opcode, OpCode::Binary);
+    let shutdown = tokio::spawn(async move { router.shutdown().await });
+    let code = bounded("the 1001", async {
+        loop {
+            let frame = ws.read_frame().await.expect("frames until the close");
+            if frame.opcode == OpCode::Close {
+                return close_code(&frame).0;
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, 1001);
+    // The streaming replica never answers its close: the drain still ends (close timeout).
+    bounded("drain", shutdown).await.unwrap();
 }

@@ -184,6 +184,13 @@ where
     let mut order = Some(order);
     let mut send = no_obligated_send;
     loop {
+        // Between frames no read is in flight, so an order can be carried out here at no risk;
+        // this is what stops a source that never pauses (a replica streaming non-stop).
+        if let Some(received) = take_ready_order(&mut order) {
+            write_order(sink, received).await;
+            drain_until_close(source, Instant::now() + close_timeout).await;
+            return PumpEnd::Ordered;
+        }
         // `read_frame` is not cancel-safe: the in-flight read stays pinned and is polled to
         // its end even while an order is carried out.
         let step = {
@@ -241,6 +248,21 @@ where
                 return PumpEnd::SinkFailed(e.to_string());
             }
             return PumpEnd::SourceClosed;
+        }
+    }
+}
+
+/// An order that has already arrived, if any (never waits).
+fn take_ready_order(order: &mut Option<oneshot::Receiver<CloseOrder>>) -> Option<CloseOrder> {
+    match order.as_mut()?.try_recv() {
+        Ok(received) => {
+            *order = None;
+            Some(received)
+        }
+        Err(oneshot::error::TryRecvError::Empty) => None,
+        Err(oneshot::error::TryRecvError::Closed) => {
+            *order = None;
+            None
         }
     }
 }
@@ -368,4 +390,73 @@ async fn finish(pump: impl Future<Output = PumpEnd>, within: Duration) -> PumpEn
     tokio::time::timeout(within, pump)
         .await
         .unwrap_or(PumpEnd::Ordered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::task::Context;
+    use tokio::io::ReadBuf;
+
+    /// A source that always has another frame ready, up to `left` bytes, then ends.
+    struct NeverPausing {
+        frame: &'static [u8],
+        at: usize,
+        left: usize,
+    }
+
+    impl AsyncRead for NeverPausing {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            while buf.remaining() > 0 && self.left > 0 {
+                let byte = self.frame[self.at];
+                buf.put_slice(&[byte]);
+                self.at = (self.at + 1) % self.frame.len();
+                self.left -= 1;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_is_carried_out_even_when_the_source_never_pauses() {
+        // Unmasked binary frames, as a replica sends them; 4 MB of them, then EOF.
+        let source = NeverPausing {
+            frame: &[0x82, 0x02, 1, 2],
+            at: 0,
+            left: 4 << 20,
+        };
+        let (mut source, _) = split(source, tokio::io::sink(), Role::Client, 1024);
+        let (_, mut sink) = split(tokio::io::empty(), Vec::<u8>::new(), Role::Server, 1024);
+        let (tx, rx) = oneshot::channel();
+        tx.send(CloseOrder {
+            error_json: None,
+            close: Some((1001, "router shutting down".into())),
+        })
+        .unwrap();
+        let end = pump(
+            &mut source,
+            &mut sink,
+            Direction::ToClient,
+            rx,
+            Duration::from_millis(50),
+        )
+        .await;
+        assert!(
+            matches!(end, PumpEnd::Ordered),
+            "the order must win over a source that never pauses: {end:?}"
+        );
+    }
+
+    #[test]
+    fn close_reasons_are_cut_at_a_char_boundary() {
+        let reason = "é".repeat(100);
+        let frame = close_frame(1011, &reason);
+        assert!(frame.payload.len() <= 125);
+        assert!(std::str::from_utf8(&frame.payload[2..]).is_ok());
+    }
 }

@@ -239,3 +239,103 @@ pub async fn raw_http(addr: SocketAddr, request: &str) -> String {
     .await;
     String::from_utf8_lossy(&out).to_string()
 }
+
+/// How a [`raw_replica`] answers WebSocket upgrades.
+#[derive(Clone, Copy)]
+pub enum RawMode {
+    /// Complete the handshake, then send binary frames as fast as the socket takes them.
+    Stream,
+    /// Answer 101 with a wrong Sec-WebSocket-Accept (a replica that lies).
+    WrongAccept,
+    /// Answer with this HTTP status instead of upgrading.
+    Status(u16),
+}
+
+/// A hand-written replica on 127.0.0.1 for behaviour the echo replica cannot show.
+pub async fn raw_replica(mode: RawMode) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .starts_with("sec-websocket-key:")
+                            .then(|| l[18..].trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let accept = wsrouter::proxy::handshake::accept_key(key.as_bytes());
+                let response = match mode {
+                    RawMode::Status(code) => format!("HTTP/1.1 {code} Nope\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
+                    RawMode::WrongAccept => "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n".to_string(),
+                    RawMode::Stream => format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"),
+                };
+                if stream.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+                if let RawMode::Stream = mode {
+                    // Unmasked binary frames of 1000 bytes, back to back, until the router stops reading.
+                    let mut frame = vec![0x82, 126, 0x03, 0xe8];
+                    frame.extend_from_slice(&[7u8; 1000]);
+                    let batch: Vec<u8> = frame
+                        .iter()
+                        .copied()
+                        .cycle()
+                        .take(frame.len() * 64)
+                        .collect();
+                    let (mut r, mut w) = stream.into_split();
+                    tokio::spawn(async move {
+                        let mut sink = [0u8; 4096];
+                        while let Ok(n) = r.read(&mut sink).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                    });
+                    while w.write_all(&batch).await.is_ok() {}
+                } else {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A probe that calls every replica healthy (for replicas without a /health endpoint).
+pub struct AlwaysHealthy;
+
+impl wsrouter::health::Probe for AlwaysHealthy {
+    fn probe(&self, _: &wsrouter::registry::Replica) -> wsrouter::health::ProbeFuture {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A router whose replicas are all considered healthy by their probe.
+pub async fn start_always_healthy(urls: &[String], extra: &str) -> TestRouter {
+    let text = format!(
+        "[listen]\nhost = \"127.0.0.1\"\nport = 0\n[health_check]\ninterval_seconds = 30\n{extra}\n{}",
+        replicas_toml(urls, true)
+    );
+    let config = Config::parse(&text).unwrap();
+    let router = Router::bind_with_probe(config, Arc::new(AlwaysHealthy))
+        .await
+        .unwrap();
+    let router = TestRouter::run(router);
+    for i in 0..urls.len() {
+        router.wait_status(i, Status::Healthy).await;
+    }
+    router
+}
