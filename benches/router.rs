@@ -6,8 +6,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fastwebsockets::{Frame, OpCode, Payload, Role};
 use tokio::io::AsyncWriteExt;
-use wsrouter::balance;
+use wsrouter::balance::Balancer;
 use wsrouter::config::Config;
+use wsrouter::config::Policy;
 use wsrouter::proxy::pump::{self, Direction};
 use wsrouter::registry::{Observation, Registry};
 
@@ -52,12 +53,14 @@ async fn pump_frames(size: usize) {
         assert_eq!(n, FRAMES);
     });
     let (_tx, rx) = tokio::sync::oneshot::channel();
+    let stats = wsrouter::proxy::stats::DirectionStats::default();
     let end = pump::pump(
         &mut source,
         &mut sink,
         Direction::ToUpstream,
         rx,
         Duration::from_secs(1),
+        &stats,
     )
     .await;
     assert!(matches!(end, pump::PumpEnd::SourceClosed), "{end:?}");
@@ -100,15 +103,16 @@ fn bench_selection(c: &mut Criterion) {
         latency: Duration::from_millis(1),
     };
     registry.observe_all((0..1000).filter(|i| i % 2 == 1).map(|i| (i, ok.clone())));
-    c.bench_function("select/1000 replicas", |b| {
-        b.iter(|| {
-            let snapshot = registry.snapshot();
-            balance::select(&snapshot).map(|r| r.replica.index)
-        })
-    });
-    c.bench_function("candidates/1000 replicas", |b| {
-        b.iter(|| balance::candidates(&registry.snapshot()).count())
-    });
+    for (name, policy) in [
+        ("failover", Policy::Failover),
+        ("least_sessions", Policy::LeastSessions),
+        ("round_robin", Policy::RoundRobin),
+    ] {
+        let balancer = Balancer::new(policy);
+        c.bench_function(&format!("candidates/{name}/1000 replicas"), |b| {
+            b.iter(|| balancer.candidates(&registry.snapshot()).map(|c| c.len()))
+        });
+    }
 }
 
 fn bench_config(c: &mut Criterion) {

@@ -1,13 +1,16 @@
-//! Admin endpoints: `GET /status` (every replica, reference schema plus extras) and
-//! `GET /health` (the router's own liveness).
+//! Admin endpoints: `GET /status` (every replica, reference schema plus extras),
+//! `GET /metrics` (Prometheus text) and `GET /health` (the router's own liveness).
 
 use bytes::Bytes;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 
+use std::sync::atomic::Ordering;
+
+use crate::proxy::stats::{Rejection, Stats, HISTOGRAM_BOUNDS};
 use crate::proxy::Body;
-use crate::registry::Snapshot;
+use crate::registry::{ReplicaState, Snapshot, Status};
 
 pub fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     let mut response = Response::new(Body::new(Bytes::from(body.to_string())));
@@ -46,6 +49,7 @@ pub fn status_json(snapshot: &Snapshot, active_sessions: usize, max_sessions: us
                 "consecutive_successes": r.health.consecutive_successes,
                 "last_error": r.health.last_error,
                 "active_sessions": r.replica.active_sessions(),
+                "max_sessions": (r.replica.max_sessions != usize::MAX).then_some(r.replica.max_sessions),
                 "total_sessions": r.replica.total_sessions(),
             })
         })
@@ -61,4 +65,168 @@ pub fn status(snapshot: &Snapshot, active_sessions: usize, max_sessions: usize) 
         StatusCode::OK,
         &status_json(snapshot, active_sessions, max_sessions),
     )
+}
+
+/// Prometheus label values: escape backslash, quote and newline.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// `GET /metrics` in the Prometheus text format.
+pub fn metrics(snapshot: &Snapshot, stats: &Stats, active_sessions: usize) -> Response<Body> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(4096);
+    type Value = fn(&ReplicaState) -> f64;
+    let per_replica: [(&str, &str, &str, Value); 6] = [
+        (
+            "wsrouter_replica_sessions_active",
+            "gauge",
+            "Sessions open or opening on the replica.",
+            |r| r.replica.active_sessions() as f64,
+        ),
+        (
+            "wsrouter_replica_sessions_total",
+            "counter",
+            "Sessions opened on the replica.",
+            |r| r.replica.total_sessions() as f64,
+        ),
+        (
+            "wsrouter_replica_connect_failures_total",
+            "counter",
+            "Failed upstream connects or handshakes.",
+            |r| r.replica.connect_failures() as f64,
+        ),
+        (
+            "wsrouter_replica_up",
+            "gauge",
+            "1 if the replica is healthy (selectable), else 0.",
+            |r| f64::from(u8::from(r.selectable())),
+        ),
+        (
+            "wsrouter_replica_consecutive_failures",
+            "gauge",
+            "Consecutive failed probes or connects.",
+            |r| f64::from(r.health.consecutive_failures),
+        ),
+        (
+            "wsrouter_replica_probe_latency_seconds",
+            "gauge",
+            "Latency of the last probe.",
+            |r| r.health.last_latency_ms.unwrap_or(f64::NAN) / 1000.0,
+        ),
+    ];
+    for (name, kind, help, value) in per_replica {
+        family(&mut out, name, kind, help);
+        for r in &snapshot.replicas {
+            let _ = writeln!(
+                out,
+                "{name}{{replica=\"{}\"}} {}",
+                label(&r.replica.name),
+                value(r)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "wsrouter_replica_health",
+        "gauge",
+        "1 for the replica's current health state.",
+    );
+    for r in &snapshot.replicas {
+        for state in [Status::Unknown, Status::Healthy, Status::Unhealthy] {
+            let on = u8::from(r.health.status == state);
+            let _ = writeln!(
+                out,
+                "wsrouter_replica_health{{replica=\"{}\",state=\"{}\"}} {on}",
+                label(&r.replica.name),
+                state.as_str()
+            );
+        }
+    }
+    family(
+        &mut out,
+        "wsrouter_sessions_active",
+        "gauge",
+        "Sessions open or opening on the router.",
+    );
+    let _ = writeln!(out, "wsrouter_sessions_active {active_sessions}");
+    family(
+        &mut out,
+        "wsrouter_sessions_rejected_total",
+        "counter",
+        "Upgrade requests that got no session, by reason.",
+    );
+    for why in Rejection::ALL {
+        let _ = writeln!(
+            out,
+            "wsrouter_sessions_rejected_total{{reason=\"{}\"}} {}",
+            why.label(),
+            stats.rejected(why)
+        );
+    }
+    let directions = [
+        ("to_upstream", &stats.traffic.to_upstream),
+        ("to_client", &stats.traffic.to_client),
+    ];
+    family(
+        &mut out,
+        "wsrouter_frames_total",
+        "counter",
+        "Frames forwarded, by direction.",
+    );
+    for (direction, d) in directions {
+        let _ = writeln!(
+            out,
+            "wsrouter_frames_total{{direction=\"{direction}\"}} {}",
+            d.frames.load(Ordering::Relaxed)
+        );
+    }
+    family(
+        &mut out,
+        "wsrouter_frame_bytes_total",
+        "counter",
+        "Payload bytes forwarded, by direction.",
+    );
+    for (direction, d) in directions {
+        let _ = writeln!(
+            out,
+            "wsrouter_frame_bytes_total{{direction=\"{direction}\"}} {}",
+            d.bytes.load(Ordering::Relaxed)
+        );
+    }
+    let name = "wsrouter_upstream_handshake_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Upstream TCP connect plus WebSocket handshake, for sessions that opened.",
+    );
+    let (cumulative, sum) = stats.handshake_seconds.cumulative();
+    let bounds = HISTOGRAM_BOUNDS
+        .iter()
+        .map(|b| b.to_string())
+        .chain(["+Inf".to_string()]);
+    for (bound, count) in bounds.zip(&cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum {sum}\n{name}_count {}",
+        cumulative.last().copied().unwrap_or(0)
+    );
+
+    let mut response = Response::new(Body::new(Bytes::from(out)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }

@@ -40,7 +40,28 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
     pub replicas: Vec<Replica>,
+}
+
+/// How sessions are spread over the replicas of one tier (primaries first, then the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Config order: the reference router's behaviour.
+    #[default]
+    Failover,
+    /// Fewest active sessions relative to weight.
+    LeastSessions,
+    /// Rotate, in proportion to weight.
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Balance {
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -122,6 +143,9 @@ pub struct Replica {
     pub primary: bool,
     #[serde(default = "default_weight")]
     pub weight: f64,
+    /// Most concurrent sessions this replica takes; unset means no limit.
+    #[serde(default)]
+    pub max_sessions: Option<usize>,
 }
 
 fn default_weight() -> f64 {
@@ -234,6 +258,12 @@ impl Config {
                     format!("must be a number greater than 0, got {}", r.weight),
                 ));
             }
+            if r.max_sessions == Some(0) {
+                return Err(invalid(
+                    key("max_sessions"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
             if r.primary {
                 if let Some(first) = primary_seen {
                     return Err(invalid(key("primary"), format!("replicas[{first}] is already the primary; at most one replica may be primary")));
@@ -343,6 +373,8 @@ mod tests {
         assert_eq!(c.replicas[0].weight, 1.0);
         assert!(!c.replicas[0].primary);
         assert_eq!(c.replicas[0].name.as_deref(), Some("127.0.0.1:8001"));
+        assert_eq!(c.balance.policy, Policy::Failover);
+        assert_eq!(c.replicas[0].max_sessions, None);
     }
 
     #[test]
@@ -382,6 +414,13 @@ mod tests {
             err("[[replicas]]\nurl = \"http://a\"\nweight = 0\n").contains("replicas[0].weight")
         );
         assert!(err(&format!("[listen]\nhost = \"example.com\"\n{ONE}")).contains("listen.host"));
+        assert!(err("[[replicas]]\nurl = \"http://a\"\nmax_sessions = 0\n")
+            .contains("replicas[0].max_sessions"));
+        let e = err(&format!("[balance]\npolicy = \"random\"\n{ONE}"));
+        assert!(
+            e.contains("unknown variant") && e.contains("least_sessions"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -22,8 +22,12 @@ pub struct Replica {
     pub authority: String,
     pub primary: bool,
     pub weight: f64,
+    /// Capacity; `usize::MAX` when the config sets none.
+    pub max_sessions: usize,
+    /// Sessions open or being opened here (a slot is reserved before the upstream connect).
     active_sessions: AtomicUsize,
     total_sessions: AtomicU64,
+    connect_failures: AtomicU64,
 }
 
 impl Replica {
@@ -35,11 +39,33 @@ impl Replica {
         self.total_sessions.load(Ordering::Relaxed)
     }
 
-    /// Count a session on this replica until the returned guard drops.
-    pub fn open_session(self: &Arc<Self>) -> SessionGuard {
-        self.active_sessions.fetch_add(1, Ordering::Relaxed);
+    pub fn is_full(&self) -> bool {
+        self.active_sessions() >= self.max_sessions
+    }
+
+    /// Reserve a session slot if the replica is below capacity; the slot is held until the
+    /// returned guard drops. Lock-free: concurrent handshakes cannot overshoot `max_sessions`.
+    pub fn try_reserve_session(self: &Arc<Self>) -> Option<SessionGuard> {
+        self.active_sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.max_sessions).then_some(n + 1)
+            })
+            .ok()?;
+        Some(SessionGuard(self.clone()))
+    }
+
+    pub fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// Count a failed upstream connect or handshake.
+    pub fn count_connect_failure(&self) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a completed session handshake (for totals and metrics).
+    pub fn count_session(&self) {
         self.total_sessions.fetch_add(1, Ordering::Relaxed);
-        SessionGuard(self.clone())
     }
 }
 
@@ -196,8 +222,10 @@ impl Registry {
                     authority: addr.authority,
                     primary: r.primary,
                     weight: r.weight,
+                    max_sessions: r.max_sessions.unwrap_or(usize::MAX),
                     active_sessions: AtomicUsize::new(0),
                     total_sessions: AtomicU64::new(0),
+                    connect_failures: AtomicU64::new(0),
                 })
             })
             .collect();

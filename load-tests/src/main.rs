@@ -323,14 +323,13 @@ async fn echo_connection(
     let mut next_seq = 0u64;
     let mut next_send = Instant::now();
     for _ in 0..in_flight {
-        if send(&mut ws, &mut message, &mut sent, next_seq)
+        if send(&mut ws, &mut message, &mut sent, &mut next_seq)
             .await
             .is_err()
         {
             counts.errors.fetch_add(1, Ordering::Relaxed);
             return histogram;
         }
-        next_seq += 1;
     }
     loop {
         let frame = match tokio::time::timeout_at(end.into(), ws.read_frame()).await {
@@ -365,14 +364,13 @@ async fn echo_connection(
             next_send += interval;
             tokio::time::sleep_until(next_send.into()).await;
         }
-        if send(&mut ws, &mut message, &mut sent, next_seq)
+        if send(&mut ws, &mut message, &mut sent, &mut next_seq)
             .await
             .is_err()
         {
             counts.errors.fetch_add(1, Ordering::Relaxed);
             return histogram;
         }
-        next_seq += 1;
     }
     // Collect what is still in flight so the close is clean.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -391,13 +389,15 @@ async fn echo_connection(
     histogram
 }
 
-/// Stamp `seq` into the message, note when it left, and send it.
+/// Stamp the next sequence number into the message, note when it left, and send it.
 async fn send(
     ws: &mut Client,
     message: &mut [u8],
     sent: &mut VecDeque<(u64, Instant)>,
-    seq: u64,
+    next_seq: &mut u64,
 ) -> Result<(), fastwebsockets::WebSocketError> {
+    let seq = *next_seq;
+    *next_seq += 1;
     message[..8].copy_from_slice(&seq.to_le_bytes());
     sent.push_back((seq, Instant::now()));
     ws.write_frame(Frame::binary(Payload::Borrowed(message)))

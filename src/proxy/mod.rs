@@ -3,6 +3,7 @@
 
 pub mod handshake;
 pub mod pump;
+pub mod stats;
 mod writer;
 
 use writer::Coalescing;
@@ -14,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use fastwebsockets::Role;
@@ -29,11 +30,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::admin;
-use crate::balance;
-use crate::config::{seconds, Limits};
-use crate::registry::{Observation, Registry, Replica};
+use crate::balance::{Balancer, NoCandidate};
+use crate::config::{seconds, Limits, Policy};
+use crate::registry::{Observation, Registry, Replica, SessionGuard};
 use handshake::{Upstream, UpstreamError};
 use pump::{CloseOrder, PumpEnd};
+use stats::{Rejection, Stats};
 
 pub type Body = Full<Bytes>;
 
@@ -43,9 +45,20 @@ pub const STREAM_PATH: &str = "/v1/stream";
 /// Largest request head (request line plus headers) accepted; beyond it, 431.
 const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
 
+/// A session's hold on its resources: the router-wide permit and the replica's slot, both
+/// released when it drops.
+struct Session {
+    id: u64,
+    replica: Arc<Replica>,
+    _slot: SessionGuard,
+    _permit: OwnedSemaphorePermit,
+}
+
 /// Shared state of the HTTP service.
 pub struct Proxy {
     registry: Arc<Registry>,
+    balancer: Balancer,
+    stats: Stats,
     limits: Limits,
     sessions: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
@@ -53,9 +66,16 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(registry: Arc<Registry>, limits: Limits, shutdown: watch::Receiver<bool>) -> Proxy {
+    pub fn new(
+        registry: Arc<Registry>,
+        limits: Limits,
+        policy: Policy,
+        shutdown: watch::Receiver<bool>,
+    ) -> Proxy {
         Proxy {
             registry,
+            balancer: Balancer::new(policy),
+            stats: Stats::default(),
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
             limits,
             shutdown,
@@ -109,6 +129,11 @@ impl Proxy {
         match (req.method(), req.uri().path()) {
             (_, STREAM_PATH) => self.handle_stream(req, peer).await,
             (&hyper::Method::GET, "/health") => admin::health(),
+            (&hyper::Method::GET, "/metrics") => admin::metrics(
+                &self.registry.snapshot(),
+                &self.stats,
+                self.active_sessions(),
+            ),
             (&hyper::Method::GET, "/status") => admin::status(
                 &self.registry.snapshot(),
                 self.active_sessions(),
@@ -151,44 +176,46 @@ impl Proxy {
         }
         let Ok(permit) = self.sessions.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max = self.limits.max_sessions, "session limit reached");
+            self.stats.reject(Rejection::SessionLimit);
             return unavailable("the router is at its session limit");
         };
         let id = self.next_session_id.fetch_add(1, Ordering::Relaxed);
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
-
-        let candidates: Vec<Arc<Replica>> = balance::candidates(&self.registry.snapshot())
-            .map(|r| r.replica.clone())
-            .collect();
         let accept = handshake::accept_key(parts.headers[header::SEC_WEBSOCKET_KEY].as_bytes());
 
-        if candidates.is_empty() {
-            tracing::warn!(session = id, %peer, "no healthy replica");
-            let order = CloseOrder {
-                error_json: Some(pump::error_json(
-                    "gpu_unavailable",
-                    "no healthy replica is available; try again shortly",
-                )),
-                close: Some((1013, "no_healthy_replica".into())),
-            };
-            tokio::spawn(self.clone().refuse_session(client_upgrade, order, permit));
-            return switching_protocols(&accept, None);
-        }
+        let candidates: Result<Vec<Arc<Replica>>, NoCandidate> = self
+            .balancer
+            .candidates(&self.registry.snapshot())
+            .map(|c| c.into_iter().map(|r| r.replica.clone()).collect());
+        let candidates = match candidates {
+            Ok(candidates) => candidates,
+            Err(reason) => {
+                return self.unavailable_session(id, peer, reason, client_upgrade, permit, &accept)
+            }
+        };
 
         let timeout = seconds(self.limits.connect_timeout_seconds);
         let mut failures = Vec::new();
         for replica in candidates {
+            // Reserve before connecting so concurrent handshakes cannot overshoot capacity.
+            let Some(slot) = replica.try_reserve_session() else {
+                continue;
+            };
+            let started = Instant::now();
             match handshake::connect(&replica, &parts, peer, timeout).await {
                 Ok(upstream) => {
+                    self.stats.handshake_seconds.observe(started.elapsed());
+                    replica.count_session();
                     tracing::debug!(session = id, %peer, replica = %replica.name, "session open");
                     let response = switching_protocols(&accept, Some(&upstream));
-                    tokio::spawn(self.clone().run_session(
+                    let session = Session {
                         id,
-                        client_upgrade,
-                        upstream,
                         replica,
-                        permit,
-                    ));
+                        _slot: slot,
+                        _permit: permit,
+                    };
+                    tokio::spawn(self.clone().run_session(session, client_upgrade, upstream));
                     return response;
                 }
                 Err(UpstreamError::Refused(status)) => {
@@ -206,6 +233,7 @@ impl Proxy {
                 }
                 Err(error) => {
                     tracing::warn!(session = id, replica = %replica.name, %error, "upstream connect failed; trying the next replica");
+                    replica.count_connect_failure();
                     // Passive health: a failed connect counts like a failed probe.
                     self.registry.observe(
                         replica.index,
@@ -218,6 +246,18 @@ impl Proxy {
                 }
             }
         }
+        if failures.is_empty() {
+            // Every candidate filled up between selection and reservation.
+            return self.unavailable_session(
+                id,
+                peer,
+                NoCandidate::AllAtCapacity,
+                client_upgrade,
+                permit,
+                &accept,
+            );
+        }
+        self.stats.reject(Rejection::ConnectFailed);
         let order = CloseOrder {
             error_json: Some(pump::error_json(
                 "worker_failed",
@@ -227,6 +267,35 @@ impl Proxy {
         };
         tokio::spawn(self.clone().refuse_session(client_upgrade, order, permit));
         switching_protocols(&accept, None)
+    }
+
+    /// Answer 101, then gpu_unavailable and close 1013: nothing can take the session now.
+    fn unavailable_session(
+        self: &Arc<Self>,
+        id: u64,
+        peer: SocketAddr,
+        reason: NoCandidate,
+        upgrade: hyper::upgrade::OnUpgrade,
+        permit: OwnedSemaphorePermit,
+        accept: &str,
+    ) -> Response<Body> {
+        let message = match reason {
+            NoCandidate::NoHealthyReplica => {
+                self.stats.reject(Rejection::NoHealthyReplica);
+                "no healthy replica is available; try again shortly"
+            }
+            NoCandidate::AllAtCapacity => {
+                self.stats.reject(Rejection::AtCapacity);
+                "every healthy replica is at capacity; try again shortly"
+            }
+        };
+        tracing::warn!(session = id, %peer, message, "session refused");
+        let order = CloseOrder {
+            error_json: Some(pump::error_json("gpu_unavailable", message)),
+            close: Some((1013, "no_healthy_replica".into())),
+        };
+        tokio::spawn(self.clone().refuse_session(upgrade, order, permit));
+        switching_protocols(accept, None)
     }
 
     /// Complete the client's upgrade only to tell it why there is no session.
@@ -258,13 +327,10 @@ impl Proxy {
     /// Bridge an upgraded client and a connected replica until the session ends.
     async fn run_session(
         self: Arc<Self>,
-        id: u64,
+        session: Session,
         upgrade: hyper::upgrade::OnUpgrade,
         upstream: Upstream,
-        replica: Arc<Replica>,
-        permit: OwnedSemaphorePermit,
     ) {
-        let counted = replica.open_session();
         let Some(client) = ClientSocket::upgrade(upgrade).await else {
             return;
         };
@@ -283,11 +349,20 @@ impl Proxy {
                 let _ = shutdown.wait_for(|stopping| *stopping).await;
             };
             let close_timeout = seconds(self.limits.close_timeout_seconds);
-            pump::bridge(&mut cr, &mut cw, &mut ur, &mut uw, close_timeout, shutdown).await
+            pump::bridge(
+                &mut cr,
+                &mut cw,
+                &mut ur,
+                &mut uw,
+                close_timeout,
+                shutdown,
+                &self.stats.traffic,
+            )
+            .await
         };
-        log_session_end(id, &replica, &end);
+        log_session_end(session.id, &session.replica, &end);
         // The session is over; lingering on the sockets does not count against limits.
-        drop((counted, permit));
+        drop(session);
         tokio::join!(finish_socket(client_read, client_write), async {
             let _ = upstream_write.shutdown().await;
         });

@@ -15,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::stats::{DirectionStats, Traffic};
+
 /// Which way a pump forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -176,6 +178,42 @@ pub async fn pump<R, W>(
     direction: Direction,
     order: oneshot::Receiver<CloseOrder>,
     close_timeout: Duration,
+    stats: &DirectionStats,
+) -> PumpEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut counted = Counted::default();
+    let end = forward(
+        source,
+        sink,
+        direction,
+        order,
+        close_timeout,
+        stats,
+        &mut counted,
+    )
+    .await;
+    stats.add(counted.frames, counted.bytes);
+    end
+}
+
+/// Frames forwarded but not yet added to the shared counters.
+#[derive(Default)]
+struct Counted {
+    frames: u64,
+    bytes: u64,
+}
+
+async fn forward<R, W>(
+    source: &mut WebSocketRead<R>,
+    sink: &mut WebSocketWrite<W>,
+    direction: Direction,
+    order: oneshot::Receiver<CloseOrder>,
+    close_timeout: Duration,
+    stats: &DirectionStats,
+    counted: &mut Counted,
 ) -> PumpEnd
 where
     R: AsyncRead + Unpin,
@@ -200,6 +238,10 @@ where
                 Poll::Ready(result) => Step::Read(result),
                 Poll::Pending => {
                     // Nothing more to read right now: push out what was coalesced.
+                    stats.add(
+                        std::mem::take(&mut counted.frames),
+                        std::mem::take(&mut counted.bytes),
+                    );
                     if let Err(e) = sink.flush().await {
                         return PumpEnd::SinkFailed(e.to_string());
                     }
@@ -234,6 +276,8 @@ where
         };
 
         let is_close = frame.opcode == OpCode::Close;
+        counted.frames += 1;
+        counted.bytes += frame.payload.len() as u64;
         let frame = match direction {
             // Frames towards the client must carry no mask, whatever the replica sent.
             Direction::ToClient => Frame::new(frame.fin, frame.opcode, None, frame.payload),
@@ -308,6 +352,7 @@ pub async fn bridge<CR, CW, UR, UW>(
     upstream_write: &mut WebSocketWrite<UW>,
     close_timeout: Duration,
     shutdown: impl Future<Output = ()>,
+    traffic: &Traffic,
 ) -> SessionEnd
 where
     CR: AsyncRead + Unpin,
@@ -323,6 +368,7 @@ where
         Direction::ToUpstream,
         order_up_rx,
         close_timeout,
+        &traffic.to_upstream,
     );
     let down = pump(
         upstream_read,
@@ -330,6 +376,7 @@ where
         Direction::ToClient,
         order_down_rx,
         close_timeout,
+        &traffic.to_client,
     );
     tokio::pin!(up, down, shutdown);
 
@@ -438,12 +485,14 @@ mod tests {
             close: Some((1001, "router shutting down".into())),
         })
         .unwrap();
+        let stats = DirectionStats::default();
         let end = pump(
             &mut source,
             &mut sink,
             Direction::ToClient,
             rx,
             Duration::from_millis(50),
+            &stats,
         )
         .await;
         assert!(
