@@ -108,9 +108,13 @@ fn bench_selection(c: &mut Criterion) {
         ("least_sessions", Policy::LeastSessions),
         ("round_robin", Policy::RoundRobin),
     ] {
-        let balancer = Balancer::new(policy);
+        let balancer = Balancer::new(policy, None);
         c.bench_function(&format!("candidates/{name}/1000 replicas"), |b| {
-            b.iter(|| balancer.candidates(&registry.snapshot()).map(|c| c.len()))
+            b.iter(|| {
+                balancer
+                    .candidates(&registry.snapshot(), None)
+                    .map(|c| c.len())
+            })
         });
     }
 }

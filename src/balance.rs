@@ -5,14 +5,22 @@
 //! `failover` (config order, the reference behaviour), `least_sessions` (fewest active
 //! sessions per unit of weight) or `round_robin` (rotation in proportion to weight). The proxy
 //! tries candidates in order until one completes the handshake. No locks: one atomic counter.
+//!
+//! Sticky sessions: when `sticky_key` is configured and a request carries a key, the tier is
+//! ordered by weighted rendezvous hashing of (key, replica url) instead, so a reconnect lands
+//! on the same replica, every router with the same config agrees without shared state, and a
+//! replica leaving moves only its own keys.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::Policy;
+use hyper::http::request::Parts;
+
+use crate::config::{Policy, StickyKey};
 use crate::registry::{ReplicaState, Snapshot};
 
 pub struct Balancer {
     policy: Policy,
+    sticky_key: Option<StickyKey>,
     turns: AtomicU64,
 }
 
@@ -24,17 +32,41 @@ pub enum NoCandidate {
 }
 
 impl Balancer {
-    pub fn new(policy: Policy) -> Balancer {
+    pub fn new(policy: Policy, sticky_key: Option<StickyKey>) -> Balancer {
         Balancer {
             policy,
+            sticky_key,
             turns: AtomicU64::new(0),
         }
     }
 
-    /// Candidates in the order they should be tried.
+    /// The session key the request carries, when stickiness is configured. Empty values count
+    /// as no key, so they do not all pile onto one replica.
+    pub fn session_key<'r>(&self, request: &'r Parts) -> Option<&'r str> {
+        let key = match self.sticky_key.as_ref()? {
+            StickyKey::Query(name) => request
+                .uri
+                .query()?
+                .split('&')
+                .find_map(|pair| pair.strip_prefix(name.as_str())?.strip_prefix('=')),
+            StickyKey::Header(name) => request.headers.get(name)?.to_str().ok(),
+            StickyKey::Cookie(name) => request
+                .headers
+                .get_all(hyper::header::COOKIE)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(';'))
+                .find_map(|pair| pair.trim().strip_prefix(name.as_str())?.strip_prefix('=')),
+        };
+        key.filter(|k| !k.is_empty())
+    }
+
+    /// Candidates in the order they should be tried. With a session key, each tier is ordered
+    /// by rendezvous score instead of the policy.
     pub fn candidates<'s>(
         &self,
         snapshot: &'s Snapshot,
+        session_key: Option<&str>,
     ) -> Result<Vec<&'s ReplicaState>, NoCandidate> {
         let usable = |r: &&ReplicaState| r.selectable() && !r.replica.is_full();
         let mut order: Vec<&ReplicaState> = Vec::with_capacity(snapshot.replicas.len());
@@ -47,7 +79,10 @@ impl Balancer {
                     .filter(|r| r.replica.primary == primary_tier)
                     .filter(usable),
             );
-            self.order_tier(&mut order[start..]);
+            match session_key {
+                Some(key) => order_by_rendezvous(&mut order[start..], key),
+                None => self.order_tier(&mut order[start..]),
+            }
         }
         if order.is_empty() {
             return Err(if snapshot.replicas.iter().any(|r| r.selectable()) {
@@ -78,8 +113,38 @@ impl Balancer {
     }
 }
 
+/// Highest score first. Scores are finite and positive, where the bit pattern orders like
+/// the value, so the cached sort key can be a plain integer.
+fn order_by_rendezvous(tier: &mut [&ReplicaState], key: &str) {
+    if tier.len() > 1 {
+        tier.sort_by_cached_key(|r| std::cmp::Reverse(rendezvous_score(key, r).to_bits()));
+    }
+}
+
 fn load(r: &ReplicaState) -> f64 {
     r.replica.active_sessions() as f64 / r.replica.weight
+}
+
+/// Weighted rendezvous score of `key` on a replica: the highest score wins. With h uniform in
+/// (0, 1), `-weight / ln(h)` gives each replica keys in proportion to its weight.
+fn rendezvous_score(key: &str, r: &ReplicaState) -> f64 {
+    let h = stable_hash(key.as_bytes(), r.replica.url.as_bytes());
+    let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -r.replica.weight / unit.ln()
+}
+
+/// FNV-1a over both inputs, then a splitmix64 finish: fixed here, so every router build and
+/// instance computes the same value (std's hashers make no such promise).
+fn stable_hash(key: &[u8], replica: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in key.iter().chain([0xff].iter()).chain(replica) {
+        h = (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 /// The replica for turn `turn`: the golden-ratio sequence spreads turns evenly over the
@@ -126,7 +191,7 @@ mod tests {
 
     fn order(balancer: &Balancer, reg: &Registry) -> Vec<usize> {
         balancer
-            .candidates(&reg.snapshot())
+            .candidates(&reg.snapshot(), None)
             .unwrap()
             .iter()
             .map(|r| r.replica.index)
@@ -142,8 +207,8 @@ mod tests {
     #[test]
     fn nothing_selectable_until_probed() {
         let reg = registry(Some(1), &[1.0; 3], "");
-        let err = Balancer::new(Policy::Failover)
-            .candidates(&reg.snapshot())
+        let err = Balancer::new(Policy::Failover, None)
+            .candidates(&reg.snapshot(), None)
             .unwrap_err();
         assert_eq!(err, NoCandidate::NoHealthyReplica);
     }
@@ -153,7 +218,7 @@ mod tests {
         let reg = registry(Some(2), &[1.0; 4], "");
         set_healthy(&reg, &[0, 1, 2, 3]);
         assert_eq!(
-            order(&Balancer::new(Policy::Failover), &reg),
+            order(&Balancer::new(Policy::Failover, None), &reg),
             vec![2, 0, 1, 3]
         );
     }
@@ -169,7 +234,10 @@ mod tests {
         for _ in 0..3 {
             reg.observe(0, fail.clone());
         }
-        assert_eq!(order(&Balancer::new(Policy::Failover), &reg), vec![1, 2]);
+        assert_eq!(
+            order(&Balancer::new(Policy::Failover, None), &reg),
+            vec![1, 2]
+        );
     }
 
     #[test]
@@ -184,7 +252,7 @@ mod tests {
         ];
         // Loads: r1 2/1, r2 2/2 = 1, r3 1/1 = 1 -> r2 and r3 tie (config order), then r1.
         assert_eq!(
-            order(&Balancer::new(Policy::LeastSessions), &reg),
+            order(&Balancer::new(Policy::LeastSessions, None), &reg),
             vec![0, 2, 3, 1]
         );
     }
@@ -193,7 +261,7 @@ mod tests {
     fn round_robin_follows_weights_and_interleaves() {
         let reg = registry(None, &[1.0, 2.0, 1.0], "");
         set_healthy(&reg, &[0, 1, 2]);
-        let balancer = Balancer::new(Policy::RoundRobin);
+        let balancer = Balancer::new(Policy::RoundRobin, None);
         let mut counts = [0usize; 3];
         let mut firsts = Vec::new();
         for _ in 0..4000 {
@@ -219,11 +287,67 @@ mod tests {
         );
     }
 
+    // FNV-1a then splitmix64 of b"abc", 0xff, b"http://127.0.0.1:8000", computed independently.
+    const PINNED_HASH: u64 = 241_659_959_820_080_690;
+
+    fn sticky_first(balancer: &Balancer, reg: &Registry, key: &str) -> usize {
+        balancer.candidates(&reg.snapshot(), Some(key)).unwrap()[0]
+            .replica
+            .index
+    }
+
+    #[test]
+    fn sticky_keys_stay_put_follow_weights_and_move_only_when_their_replica_goes() {
+        let reg = registry(None, &[1.0, 3.0, 1.0, 1.0], "");
+        set_healthy(&reg, &[0, 1, 2, 3]);
+        let balancer = Balancer::new(Policy::RoundRobin, None);
+        let keys: Vec<String> = (0..6000).map(|i| format!("session-{i}")).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|k| sticky_first(&balancer, &reg, k))
+            .collect();
+        let again: Vec<usize> = keys
+            .iter()
+            .map(|k| sticky_first(&balancer, &reg, k))
+            .collect();
+        assert_eq!(before, again, "the same key must pick the same replica");
+        let mut counts = [0usize; 4];
+        before.iter().for_each(|&i| counts[i] += 1);
+        for (i, share) in [1.0, 3.0, 1.0, 1.0].iter().enumerate() {
+            let expected = 6000.0 * share / 6.0;
+            assert!(
+                (counts[i] as f64 - expected).abs() < expected * 0.1,
+                "{counts:?}"
+            );
+        }
+        // Replica 2 goes unhealthy: only its keys move.
+        let fail = Observation::Failure {
+            error: "x".into(),
+            latency: None,
+        };
+        for _ in 0..3 {
+            reg.observe(2, fail.clone());
+        }
+        for (key, &was) in keys.iter().zip(&before) {
+            let now = sticky_first(&balancer, &reg, key);
+            if was != 2 {
+                assert_eq!(now, was, "key {key} moved although its replica is fine");
+            } else {
+                assert_ne!(now, 2);
+            }
+        }
+    }
+
+    #[test]
+    fn the_hash_is_pinned_so_routers_of_different_versions_agree() {
+        assert_eq!(stable_hash(b"abc", b"http://127.0.0.1:8000"), PINNED_HASH);
+    }
+
     #[test]
     fn full_replicas_are_skipped_and_all_full_is_reported() {
         let reg = registry(Some(0), &[1.0, 1.0], "max_sessions = 2");
         set_healthy(&reg, &[0, 1]);
-        let balancer = Balancer::new(Policy::Failover);
+        let balancer = Balancer::new(Policy::Failover, None);
         let held = hold(&reg, 0, 2);
         assert!(
             reg.replicas()[0].try_reserve_session().is_none(),
@@ -232,7 +356,7 @@ mod tests {
         assert_eq!(order(&balancer, &reg), vec![1]);
         let held_too = hold(&reg, 1, 2);
         assert_eq!(
-            balancer.candidates(&reg.snapshot()).unwrap_err(),
+            balancer.candidates(&reg.snapshot(), None).unwrap_err(),
             NoCandidate::AllAtCapacity
         );
         drop((held, held_too));

@@ -62,6 +62,17 @@ pub enum Policy {
 #[serde(deny_unknown_fields, default)]
 pub struct Balance {
     pub policy: Policy,
+    /// Where a client's session key comes from; sessions with a key stick to one replica.
+    pub sticky_key: Option<StickyKey>,
+}
+
+/// The request part that carries the session key, e.g. `sticky_key = { query = "session_id" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StickyKey {
+    Query(String),
+    Header(String),
+    Cookie(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -213,6 +224,26 @@ impl Config {
                 "health_check.recovery_threshold",
                 "must be at least 1",
             ));
+        }
+
+        if let Some(sticky) = &mut self.balance.sticky_key {
+            let (StickyKey::Query(name) | StickyKey::Header(name) | StickyKey::Cookie(name)) =
+                sticky;
+            if name.is_empty() || name.contains(['=', ';', '&', ' ']) {
+                return Err(invalid(
+                    "balance.sticky_key",
+                    format!("{name:?} is not a usable name"),
+                ));
+            }
+            if let StickyKey::Header(header) = sticky {
+                *header = header.to_ascii_lowercase();
+                if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    return Err(invalid(
+                        "balance.sticky_key",
+                        format!("{header:?} is not a valid header name"),
+                    ));
+                }
+            }
         }
 
         let l = &self.limits;
@@ -416,6 +447,22 @@ mod tests {
         assert!(err(&format!("[listen]\nhost = \"example.com\"\n{ONE}")).contains("listen.host"));
         assert!(err("[[replicas]]\nurl = \"http://a\"\nmax_sessions = 0\n")
             .contains("replicas[0].max_sessions"));
+        let e = err(&format!(
+            "[balance]\nsticky_key = {{ header = \"bad header\" }}\n{ONE}"
+        ));
+        assert!(e.contains("balance.sticky_key"), "{e}");
+        let e = err(&format!(
+            "[balance]\nsticky_key = {{ path = \"x\" }}\n{ONE}"
+        ));
+        assert!(e.contains("unknown variant"), "{e}");
+        let c = Config::parse(&format!(
+            "[balance]\nsticky_key = {{ header = \"X-Session\" }}\n{ONE}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.balance.sticky_key,
+            Some(StickyKey::Header("x-session".into()))
+        );
         let e = err(&format!("[balance]\npolicy = \"random\"\n{ONE}"));
         assert!(
             e.contains("unknown variant") && e.contains("least_sessions"),

@@ -47,7 +47,7 @@ impl Router {
         let proxy = Arc::new(Proxy::new(
             registry.clone(),
             config.limits.clone(),
-            config.balance.policy,
+            config.balance.clone(),
             shutdown_rx,
         ));
         Ok(Router {

@@ -148,3 +148,86 @@ async fn metrics_count_sessions_frames_and_rejections() {
     assert_eq!((to_upstream, bytes_up), (3.0, 15.0));
     assert!(text.contains("# TYPE wsrouter_upstream_handshake_seconds histogram"));
 }
+
+/// Which replica a session opened with `path` and `headers` lands on; the session is closed
+/// again before returning.
+async fn landing(router: &TestRouter, path: &str, headers: &[(&str, &str)]) -> usize {
+    let (ws, _) = bounded("sticky connect", connect_with(router.addr, path, headers))
+        .await
+        .expect("handshake");
+    let counts = active(router);
+    assert_eq!(counts.iter().sum::<usize>(), 1, "{counts:?}");
+    let index = counts.iter().position(|&n| n == 1).unwrap();
+    drop(ws);
+    until("the session to end", || {
+        active(router).iter().all(|&n| n == 0)
+    })
+    .await;
+    index
+}
+
+#[tokio::test]
+async fn a_query_key_sticks_to_one_replica_and_routers_agree() {
+    let fleet = replicas(4).await;
+    let extra = "[balance]\npolicy = \"round_robin\"\nsticky_key = { query = \"session_id\" }";
+    let router = router_for(&fleet, extra, "").await;
+    let twin = router_for(&fleet, extra, "").await;
+    let mut seen = std::collections::HashSet::new();
+    for key in 0..12 {
+        let path = format!("/v1/stream?model=x&session_id=user-{key}");
+        let first = landing(&router, &path, &[]).await;
+        for _ in 0..3 {
+            assert_eq!(landing(&router, &path, &[]).await, first, "key {key} moved");
+        }
+        assert_eq!(
+            landing(&twin, &path, &[]).await,
+            first,
+            "routers disagree on {key}"
+        );
+        seen.insert(first);
+    }
+    assert!(
+        seen.len() >= 3,
+        "12 keys should spread over the fleet: {seen:?}"
+    );
+    // Without a key the policy applies: round robin visits every replica.
+    let mut keyless = std::collections::HashSet::new();
+    for _ in 0..8 {
+        keyless.insert(landing(&router, "/v1/stream?session_idx=1", &[]).await);
+    }
+    assert_eq!(keyless.len(), 4, "a look-alike parameter is not the key");
+}
+
+#[tokio::test]
+async fn a_sticky_key_moves_when_its_replica_dies_and_header_and_cookie_keys_work() {
+    let fleet = replicas(3).await;
+    let router = router_for(
+        &fleet,
+        "[balance]\npolicy = \"round_robin\"\nsticky_key = { header = \"X-Session\" }",
+        "",
+    )
+    .await;
+    let home = landing(&router, "/v1/stream", &[("x-session", "abc")]).await;
+    fleet[home].kill();
+    router.wait_status(home, Status::Unhealthy).await;
+    let moved = landing(&router, "/v1/stream", &[("x-session", "abc")]).await;
+    assert_ne!(moved, home);
+    assert_eq!(
+        landing(&router, "/v1/stream", &[("x-session", "abc")]).await,
+        moved
+    );
+
+    let cookie_fleet = replicas(3).await;
+    let cookies = router_for(
+        &cookie_fleet,
+        "[balance]\npolicy = \"round_robin\"\nsticky_key = { cookie = \"sid\" }",
+        "",
+    )
+    .await;
+    for key in ["a", "b", "c", "d"] {
+        let cookie = format!("theme=dark; sid={key}; other=1");
+        let first = landing(&cookies, "/v1/stream", &[("cookie", &cookie)]).await;
+        let again = landing(&cookies, "/v1/stream", &[("cookie", &format!("sid={key}"))]).await;
+        assert_eq!(first, again, "cookie key {key} moved");
+    }
+}

@@ -31,7 +31,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::admin;
 use crate::balance::{Balancer, NoCandidate};
-use crate::config::{seconds, Limits, Policy};
+use crate::config::{seconds, Balance, Limits};
 use crate::registry::{Observation, Registry, Replica, SessionGuard};
 use handshake::{Upstream, UpstreamError};
 use pump::{CloseOrder, PumpEnd};
@@ -69,12 +69,12 @@ impl Proxy {
     pub fn new(
         registry: Arc<Registry>,
         limits: Limits,
-        policy: Policy,
+        balance: Balance,
         shutdown: watch::Receiver<bool>,
     ) -> Proxy {
         Proxy {
             registry,
-            balancer: Balancer::new(policy),
+            balancer: Balancer::new(balance.policy, balance.sticky_key),
             stats: Stats::default(),
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
             limits,
@@ -186,7 +186,7 @@ impl Proxy {
 
         let candidates: Result<Vec<Arc<Replica>>, NoCandidate> = self
             .balancer
-            .candidates(&self.registry.snapshot())
+            .candidates(&self.registry.snapshot(), self.balancer.session_key(&parts))
             .map(|c| c.into_iter().map(|r| r.replica.clone()).collect());
         let candidates = match candidates {
             Ok(candidates) => candidates,
