@@ -58,12 +58,27 @@ pub enum Policy {
     RoundRobin,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Balance {
     pub policy: Policy,
     /// Where a client's session key comes from; sessions with a key stick to one replica.
     pub sticky_key: Option<StickyKey>,
+    /// Upstream handshakes a session may have in flight at once (fast join); 1 = one at a time.
+    pub race_candidates: usize,
+    /// How long an attempt runs alone before the next candidate joins the race.
+    pub race_delay_seconds: f64,
+}
+
+impl Default for Balance {
+    fn default() -> Self {
+        Balance {
+            policy: Policy::default(),
+            sticky_key: None,
+            race_candidates: 1,
+            race_delay_seconds: 0.1,
+        }
+    }
 }
 
 /// The request part that carries the session key, e.g. `sticky_key = { query = "session_id" }`.
@@ -244,6 +259,20 @@ impl Config {
                     ));
                 }
             }
+        }
+
+        if self.balance.race_candidates < 1 {
+            return Err(invalid(
+                "balance.race_candidates",
+                "must be at least 1 (1 means no racing)",
+            ));
+        }
+        let delay = self.balance.race_delay_seconds;
+        if !(delay.is_finite() && delay >= 0.0) {
+            return Err(invalid(
+                "balance.race_delay_seconds",
+                format!("must be a number of seconds >= 0, got {delay}"),
+            ));
         }
 
         let l = &self.limits;
@@ -463,6 +492,10 @@ mod tests {
             c.balance.sticky_key,
             Some(StickyKey::Header("x-session".into()))
         );
+        assert!(err(&format!("[balance]\nrace_candidates = 0\n{ONE}"))
+            .contains("balance.race_candidates"));
+        assert!(err(&format!("[balance]\nrace_delay_seconds = -1\n{ONE}"))
+            .contains("balance.race_delay_seconds"));
         let e = err(&format!("[balance]\npolicy = \"random\"\n{ONE}"));
         assert!(
             e.contains("unknown variant") && e.contains("least_sessions"),

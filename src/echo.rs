@@ -6,8 +6,9 @@
 //! can check that replica close codes reach the client.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocket};
@@ -29,6 +30,9 @@ pub struct SeenRequest {
 struct Shared {
     health_status: AtomicU16,
     last_request: Mutex<Option<SeenRequest>>,
+    upgrade_delay_ms: AtomicU64,
+    open_sessions: AtomicUsize,
+    close_codes: Mutex<Vec<u16>>,
 }
 
 pub struct EchoReplica {
@@ -49,6 +53,9 @@ impl EchoReplica {
         let shared = Arc::new(Shared {
             health_status: AtomicU16::new(200),
             last_request: Mutex::new(None),
+            upgrade_delay_ms: AtomicU64::new(0),
+            open_sessions: AtomicUsize::new(0),
+            close_codes: Mutex::new(Vec::new()),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -70,6 +77,23 @@ impl EchoReplica {
 
     pub fn last_request(&self) -> Option<SeenRequest> {
         self.shared.last_request.lock().unwrap().clone()
+    }
+
+    /// Answer upgrade requests only after `delay` (a slow worker).
+    pub fn set_upgrade_delay(&self, delay: Duration) {
+        self.shared
+            .upgrade_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// WebSocket sessions currently open on this replica.
+    pub fn open_sessions(&self) -> usize {
+        self.shared.open_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Close codes received from peers, in arrival order (1005 for a Close without a code).
+    pub fn close_codes(&self) -> Vec<u16> {
+        self.shared.close_codes.lock().unwrap().clone()
     }
 
     /// Die abruptly: stop listening and drop every connection without a close frame.
@@ -101,7 +125,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let stop = session_stop.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, shared, stop)) }
+                async move {
+                    let delay = shared.upgrade_delay_ms.load(Ordering::Relaxed);
+                    if delay > 0 && req.uri().path() == "/v1/stream" {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(handle(req, shared, stop))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -149,10 +179,12 @@ fn handle(
             tokio::spawn(async move {
                 let mut stop = stop;
                 if let Ok(ws) = upgrade.await {
+                    shared.open_sessions.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {
-                        _ = echo(ws) => {}
+                        _ = echo(ws, &shared) => {}
                         _ = stop.wait_for(|s| *s) => {}
                     }
+                    shared.open_sessions.fetch_sub(1, Ordering::Relaxed);
                 }
             });
             let (parts, _) = response.into_parts();
@@ -172,7 +204,10 @@ fn handle(
     }
 }
 
-async fn echo<S>(mut ws: WebSocket<S>) -> Result<(), fastwebsockets::WebSocketError>
+async fn echo<S>(
+    mut ws: WebSocket<S>,
+    shared: &Shared,
+) -> Result<(), fastwebsockets::WebSocketError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -181,7 +216,14 @@ where
     loop {
         let frame = ws.read_frame().await?;
         match frame.opcode {
-            OpCode::Close => return Ok(()),
+            OpCode::Close => {
+                let code = match frame.payload.get(..2) {
+                    Some(code) => u16::from_be_bytes([code[0], code[1]]),
+                    None => 1005,
+                };
+                shared.close_codes.lock().unwrap().push(code);
+                return Ok(());
+            }
             OpCode::Ping | OpCode::Pong => continue,
             OpCode::Text if frame.fin && frame.payload.starts_with(b"close:") => {
                 let text = String::from_utf8_lossy(&frame.payload[6..]).to_string();

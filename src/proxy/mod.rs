@@ -22,12 +22,14 @@ use fastwebsockets::Role;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::admin;
 use crate::balance::{Balancer, NoCandidate};
@@ -60,6 +62,8 @@ pub struct Proxy {
     balancer: Balancer,
     stats: Stats,
     limits: Limits,
+    race_candidates: usize,
+    race_delay: Duration,
     sessions: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     next_session_id: AtomicU64,
@@ -75,6 +79,8 @@ impl Proxy {
         Proxy {
             registry,
             balancer: Balancer::new(balance.policy, balance.sticky_key),
+            race_candidates: balance.race_candidates,
+            race_delay: seconds(balance.race_delay_seconds),
             stats: Stats::default(),
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
             limits,
@@ -195,57 +201,40 @@ impl Proxy {
             }
         };
 
-        let timeout = seconds(self.limits.connect_timeout_seconds);
-        let mut failures = Vec::new();
-        for replica in candidates {
-            // Reserve before connecting so concurrent handshakes cannot overshoot capacity.
-            let Some(slot) = replica.try_reserve_session() else {
-                continue;
-            };
-            let started = Instant::now();
-            match handshake::connect(&replica, &parts, peer, timeout).await {
-                Ok(upstream) => {
-                    self.stats.handshake_seconds.observe(started.elapsed());
-                    replica.count_session();
-                    tracing::debug!(session = id, %peer, replica = %replica.name, "session open");
-                    let response = switching_protocols(&accept, Some(&upstream));
-                    let session = Session {
-                        id,
-                        replica,
-                        _slot: slot,
-                        _permit: permit,
-                    };
-                    tokio::spawn(self.clone().run_session(session, client_upgrade, upstream));
-                    return response;
-                }
-                Err(UpstreamError::Refused(status)) => {
-                    tracing::info!(session = id, replica = %replica.name, status = status.as_u16(), "replica refused the upgrade");
-                    return admin::json_response(
-                        status,
-                        &admin::error_body(
-                            "upstream_refused",
-                            &format!(
-                                "the worker refused the session with HTTP {}",
-                                status.as_u16()
-                            ),
-                        ),
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(session = id, replica = %replica.name, %error, "upstream connect failed; trying the next replica");
-                    replica.count_connect_failure();
-                    // Passive health: a failed connect counts like a failed probe.
-                    self.registry.observe(
-                        replica.index,
-                        Observation::Failure {
-                            error: error.to_string(),
-                            latency: None,
-                        },
-                    );
-                    failures.push(format!("{}: {error}", replica.name));
-                }
+        let parts = Arc::new(parts);
+        let failures = match self
+            .clone()
+            .join_upstream(id, candidates, parts.clone(), peer)
+            .await
+        {
+            Joined::Won(replica, slot, upstream) => {
+                replica.count_session();
+                tracing::debug!(session = id, %peer, replica = %replica.name, "session open");
+                let response = switching_protocols(&accept, Some(&upstream));
+                let session = Session {
+                    id,
+                    replica,
+                    _slot: slot,
+                    _permit: permit,
+                };
+                tokio::spawn(self.clone().run_session(session, client_upgrade, upstream));
+                return response;
             }
-        }
+            Joined::Refused(replica, status) => {
+                tracing::info!(session = id, replica = %replica.name, status = status.as_u16(), "replica refused the upgrade");
+                return admin::json_response(
+                    status,
+                    &admin::error_body(
+                        "upstream_refused",
+                        &format!(
+                            "the worker refused the session with HTTP {}",
+                            status.as_u16()
+                        ),
+                    ),
+                );
+            }
+            Joined::Failed(failures) => failures,
+        };
         if failures.is_empty() {
             // Every candidate filled up between selection and reservation.
             return self.unavailable_session(
@@ -267,6 +256,140 @@ impl Proxy {
         };
         tokio::spawn(self.clone().refuse_session(client_upgrade, order, permit));
         switching_protocols(&accept, None)
+    }
+
+    /// Complete an upstream handshake with one of `candidates`, in order. Up to
+    /// `race_candidates` attempts run at once: the next one starts when the last started has
+    /// run alone for `race_delay_seconds`, or at once when an attempt fails. The first
+    /// completed handshake wins; attempts still in flight are abandoned before any session
+    /// exists upstream, and ones that completed too late are closed with 1001.
+    async fn join_upstream(
+        self: Arc<Self>,
+        id: u64,
+        candidates: Vec<Arc<Replica>>,
+        parts: Arc<Parts>,
+        peer: SocketAddr,
+    ) -> Joined {
+        let timeout = seconds(self.limits.connect_timeout_seconds);
+        let mut pending = candidates.into_iter();
+        let mut attempts = JoinSet::new();
+        let mut failures = Vec::new();
+        let mut next_start = tokio::time::Instant::now();
+        loop {
+            let may_start = attempts.len() < self.race_candidates && pending.len() > 0;
+            if may_start && (attempts.is_empty() || tokio::time::Instant::now() >= next_start) {
+                // Reserve before connecting so concurrent handshakes cannot overshoot capacity.
+                let Some((replica, slot)) = pending.by_ref().find_map(|replica| {
+                    let slot = replica.try_reserve_session()?;
+                    Some((replica, slot))
+                }) else {
+                    continue;
+                };
+                let parts = parts.clone();
+                attempts.spawn(async move {
+                    let started = Instant::now();
+                    let result = handshake::connect(&replica, &parts, peer, timeout).await;
+                    Attempt {
+                        replica,
+                        slot,
+                        started,
+                        result,
+                    }
+                });
+                next_start = tokio::time::Instant::now() + self.race_delay;
+                continue;
+            }
+            let Attempt {
+                replica,
+                slot,
+                started,
+                result,
+            } = tokio::select! {
+                joined = attempts.join_next() => match joined {
+                    None => return Joined::Failed(failures),
+                    Some(Ok(attempt)) => attempt,
+                    Some(Err(e)) => {
+                        failures.push(format!("handshake task failed: {e}"));
+                        continue;
+                    }
+                },
+                () = tokio::time::sleep_until(next_start), if may_start => continue,
+            };
+            match result {
+                Ok(upstream) => {
+                    self.stats.handshake_seconds.observe(started.elapsed());
+                    self.dismiss_attempts(id, attempts);
+                    return Joined::Won(replica, slot, upstream);
+                }
+                Err(UpstreamError::Refused(status)) => {
+                    self.dismiss_attempts(id, attempts);
+                    return Joined::Refused(replica, status);
+                }
+                Err(error) => {
+                    drop(slot);
+                    tracing::warn!(session = id, replica = %replica.name, %error, "upstream connect failed; trying the next replica");
+                    replica.count_connect_failure();
+                    // Passive health: a failed connect counts like a failed probe.
+                    self.registry.observe(
+                        replica.index,
+                        Observation::Failure {
+                            error: error.to_string(),
+                            latency: None,
+                        },
+                    );
+                    failures.push(format!("{}: {error}", replica.name));
+                    // A failure lets the next candidate start at once.
+                    next_start = tokio::time::Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Abandon the attempts that lost a race: in-flight ones are dropped (no session exists
+    /// upstream yet); any that completed meanwhile get a clean close.
+    fn dismiss_attempts(self: &Arc<Self>, id: u64, mut attempts: JoinSet<Attempt>) {
+        if attempts.is_empty() {
+            return;
+        }
+        attempts.abort_all();
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            while let Some(joined) = attempts.join_next().await {
+                let Ok(Attempt {
+                    replica,
+                    result: Ok(upstream),
+                    ..
+                }) = joined
+                else {
+                    continue;
+                };
+                tracing::debug!(session = id, replica = %replica.name, "closing a handshake that lost the race");
+                proxy
+                    .close_upstream(upstream, (1001, "lost the race to another replica"))
+                    .await;
+            }
+        });
+    }
+
+    /// Close a replica connection nobody will use: Close frame, bounded wait for the reply.
+    async fn close_upstream(&self, upstream: Upstream, (code, reason): (u16, &str)) {
+        let (read, write) = upstream.stream.into_split();
+        let mut read = Prefixed::new(upstream.leftover, read);
+        let mut write = Coalescing::new(write);
+        let (mut ws_read, mut ws_write) = pump::split(
+            &mut read,
+            &mut write,
+            Role::Client,
+            self.limits.max_frame_bytes,
+        );
+        let order = CloseOrder {
+            error_json: None,
+            close: Some((code, reason.to_string())),
+        };
+        pump::write_order(&mut ws_write, order).await;
+        let deadline = tokio::time::Instant::now() + seconds(self.limits.close_timeout_seconds);
+        pump::drain_until_close(&mut ws_read, deadline).await;
+        let _ = write.shutdown().await;
     }
 
     /// Answer 101, then gpu_unavailable and close 1013: nothing can take the session now.
@@ -367,6 +490,23 @@ impl Proxy {
             let _ = upstream_write.shutdown().await;
         });
     }
+}
+
+/// One upstream handshake attempt, with the slot it reserved on its replica.
+struct Attempt {
+    replica: Arc<Replica>,
+    slot: SessionGuard,
+    started: Instant,
+    result: Result<Upstream, UpstreamError>,
+}
+
+/// How joining a replica ended.
+enum Joined {
+    Won(Arc<Replica>, SessionGuard, Upstream),
+    /// A replica answered the upgrade with a 4xx: its verdict on this request.
+    Refused(Arc<Replica>, StatusCode),
+    /// Every candidate failed (one line per replica), or none had a free slot (empty).
+    Failed(Vec<String>),
 }
 
 fn log_session_end(id: u64, replica: &Replica, end: &pump::SessionEnd) {

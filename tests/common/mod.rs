@@ -249,6 +249,8 @@ pub enum RawMode {
     WrongAccept,
     /// Answer with this HTTP status instead of upgrading.
     Status(u16),
+    /// Read the request and never answer (a hung worker).
+    Silent,
 }
 
 /// A hand-written replica on 127.0.0.1 for behaviour the echo replica cannot show.
@@ -277,7 +279,12 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                     })
                     .unwrap_or_default();
                 let accept = wsrouter::proxy::handshake::accept_key(key.as_bytes());
+                if let RawMode::Silent = mode {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
                 let response = match mode {
+                    RawMode::Silent => unreachable!(),
                     RawMode::Status(code) => format!("HTTP/1.1 {code} Nope\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
                     RawMode::WrongAccept => "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n".to_string(),
                     RawMode::Stream => format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"),
