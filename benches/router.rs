@@ -52,15 +52,20 @@ async fn pump_frames(size: usize) {
         }
         assert_eq!(n, FRAMES);
     });
-    let (_tx, rx) = tokio::sync::oneshot::channel();
+    let (_tx, rx) = tokio::sync::mpsc::channel(1);
     let stats = wsrouter::proxy::stats::DirectionStats::default();
+    let heard = std::sync::atomic::AtomicU8::new(0);
+    let link = pump::Link {
+        orders: rx,
+        stats: &stats,
+        heard: &heard,
+    };
     let end = pump::pump(
         &mut source,
         &mut sink,
         Direction::ToUpstream,
-        rx,
+        link,
         Duration::from_secs(1),
-        &stats,
     )
     .await;
     assert!(matches!(end, pump::PumpEnd::SourceClosed), "{end:?}");

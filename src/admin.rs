@@ -172,6 +172,18 @@ pub fn metrics(snapshot: &Snapshot, stats: &Stats, active_sessions: usize) -> Re
             stats.rejected(why)
         );
     }
+    family(
+        &mut out,
+        "wsrouter_sessions_stopped_total",
+        "counter",
+        "Live sessions the router ended, by reason.",
+    );
+    for (why, n) in stats.stopped() {
+        let _ = writeln!(
+            out,
+            "wsrouter_sessions_stopped_total{{reason=\"{why}\"}} {n}"
+        );
+    }
     let directions = [
         ("to_upstream", &stats.traffic.to_upstream),
         ("to_client", &stats.traffic.to_client),

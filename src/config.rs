@@ -42,6 +42,8 @@ pub struct Config {
     #[serde(default)]
     pub balance: Balance,
     #[serde(default)]
+    pub sessions: Sessions,
+    #[serde(default)]
     pub replicas: Vec<Replica>,
 }
 
@@ -79,6 +81,26 @@ impl Default for Balance {
             race_delay_seconds: 0.1,
         }
     }
+}
+
+/// What the router does to live sessions. Every duration: 0 turns it off (the default).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sessions {
+    /// Close sessions on a replica that turns unhealthy (retryable JSON, then 1012).
+    pub close_on_unhealthy: bool,
+    /// Close sessions older than this (retryable JSON, then 1012), so clients rebalance.
+    pub max_lifetime_seconds: f64,
+    /// Close a session when no frame has been forwarded either way for this long.
+    pub idle_timeout_seconds: f64,
+    /// Ping a side that has been silent this long; close the session if it stays silent as
+    /// long again.
+    pub ping_interval_seconds: f64,
+}
+
+/// `seconds` as a duration, or `None` for 0 (off).
+pub fn optional_seconds(seconds: f64) -> Option<Duration> {
+    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
 }
 
 /// The request part that carries the session key, e.g. `sticky_key = { query = "session_id" }`.
@@ -273,6 +295,20 @@ impl Config {
                 "balance.race_delay_seconds",
                 format!("must be a number of seconds >= 0, got {delay}"),
             ));
+        }
+
+        let s = &self.sessions;
+        for (key, value) in [
+            ("sessions.max_lifetime_seconds", s.max_lifetime_seconds),
+            ("sessions.idle_timeout_seconds", s.idle_timeout_seconds),
+            ("sessions.ping_interval_seconds", s.ping_interval_seconds),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(invalid(
+                    key,
+                    format!("must be a number of seconds >= 0 (0 = off), got {value}"),
+                ));
+            }
         }
 
         let l = &self.limits;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::config::{self, Config};
 
@@ -28,9 +29,16 @@ pub struct Replica {
     active_sessions: AtomicUsize,
     total_sessions: AtomicU64,
     connect_failures: AtomicU64,
+    /// The published health status, for sessions that must react when it changes.
+    status: watch::Sender<Status>,
 }
 
 impl Replica {
+    /// Follow this replica's published health status.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
     pub fn active_sessions(&self) -> usize {
         self.active_sessions.load(Ordering::Relaxed)
     }
@@ -226,6 +234,7 @@ impl Registry {
                     active_sessions: AtomicUsize::new(0),
                     total_sessions: AtomicU64::new(0),
                     connect_failures: AtomicU64::new(0),
+                    status: watch::Sender::new(Status::Unknown),
                 })
             })
             .collect();
@@ -269,6 +278,13 @@ impl Registry {
     }
 
     fn publish(&self, health: &[Health]) {
+        for (replica, health) in self.replicas.iter().zip(health) {
+            replica.status.send_if_modified(|status| {
+                let changed = *status != health.status;
+                *status = health.status;
+                changed
+            });
+        }
         let replicas = self
             .replicas
             .iter()

@@ -48,6 +48,7 @@ impl Router {
             registry.clone(),
             config.limits.clone(),
             config.balance.clone(),
+            &config.sessions,
             shutdown_rx,
         ));
         Ok(Router {

@@ -33,10 +33,10 @@ use tokio::task::JoinSet;
 
 use crate::admin;
 use crate::balance::{Balancer, NoCandidate};
-use crate::config::{seconds, Balance, Limits};
-use crate::registry::{Observation, Registry, Replica, SessionGuard};
+use crate::config::{optional_seconds, seconds, Balance, Limits, Sessions};
+use crate::registry::{Observation, Registry, Replica, SessionGuard, Status};
 use handshake::{Upstream, UpstreamError};
-use pump::{CloseOrder, PumpEnd};
+use pump::{CloseOrder, Keepalive, PumpEnd, Stop};
 use stats::{Rejection, Stats};
 
 pub type Body = Full<Bytes>;
@@ -64,6 +64,9 @@ pub struct Proxy {
     limits: Limits,
     race_candidates: usize,
     race_delay: Duration,
+    close_on_unhealthy: bool,
+    max_lifetime: Option<Duration>,
+    keepalive: Keepalive,
     sessions: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     next_session_id: AtomicU64,
@@ -74,6 +77,7 @@ impl Proxy {
         registry: Arc<Registry>,
         limits: Limits,
         balance: Balance,
+        sessions: &Sessions,
         shutdown: watch::Receiver<bool>,
     ) -> Proxy {
         Proxy {
@@ -81,6 +85,12 @@ impl Proxy {
             balancer: Balancer::new(balance.policy, balance.sticky_key),
             race_candidates: balance.race_candidates,
             race_delay: seconds(balance.race_delay_seconds),
+            close_on_unhealthy: sessions.close_on_unhealthy,
+            max_lifetime: optional_seconds(sessions.max_lifetime_seconds),
+            keepalive: Keepalive {
+                ping_interval: optional_seconds(sessions.ping_interval_seconds),
+                idle_timeout: optional_seconds(sessions.idle_timeout_seconds),
+            },
             stats: Stats::default(),
             sessions: Arc::new(Semaphore::new(limits.max_sessions)),
             limits,
@@ -447,6 +457,42 @@ impl Proxy {
         finish_socket(read, write).await;
     }
 
+    /// Resolves when the router must end a session on `replica`: shutdown, the replica turning
+    /// unhealthy (with `close_on_unhealthy`), or the session reaching its maximum lifetime.
+    fn stop_signal(&self, replica: &Replica) -> impl std::future::Future<Output = Stop> {
+        let mut shutdown = self.shutdown.clone();
+        let mut status = self.close_on_unhealthy.then(|| replica.watch_status());
+        let lifetime = self.max_lifetime;
+        async move {
+            let unhealthy = async {
+                let turned = match status.as_mut() {
+                    Some(status) => status.wait_for(|s| *s == Status::Unhealthy).await.is_ok(),
+                    None => false,
+                };
+                if !turned {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let expired = async {
+                match lifetime {
+                    Some(lifetime) => tokio::time::sleep(lifetime).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.wait_for(|stopping| *stopping) => Stop::shutdown(),
+                () = unhealthy => Stop::reconnect(
+                    "worker_unhealthy",
+                    "the worker serving this session became unhealthy; reconnect to continue on another",
+                ),
+                () = expired => Stop::reconnect(
+                    "session_expired",
+                    "the session reached its maximum lifetime; reconnect to continue",
+                ),
+            }
+        }
+    }
+
     /// Bridge an upgraded client and a connected replica until the session ends.
     async fn run_session(
         self: Arc<Self>,
@@ -467,10 +513,6 @@ impl Proxy {
                 pump::split(&mut client_read, &mut client_write, Role::Server, max);
             let (mut ur, mut uw) =
                 pump::split(&mut upstream_read, &mut upstream_write, Role::Client, max);
-            let mut shutdown = self.shutdown.clone();
-            let shutdown = async move {
-                let _ = shutdown.wait_for(|stopping| *stopping).await;
-            };
             let close_timeout = seconds(self.limits.close_timeout_seconds);
             pump::bridge(
                 &mut cr,
@@ -478,11 +520,15 @@ impl Proxy {
                 &mut ur,
                 &mut uw,
                 close_timeout,
-                shutdown,
+                self.keepalive,
+                self.stop_signal(&session.replica),
                 &self.stats.traffic,
             )
             .await
         };
+        if let Some(why) = end.stopped {
+            self.stats.count_stop(why);
+        }
         log_session_end(session.id, &session.replica, &end);
         // The session is over; lingering on the sockets does not count against limits.
         drop(session);
@@ -514,7 +560,7 @@ fn log_session_end(id: u64, replica: &Replica, end: &pump::SessionEnd) {
     if failed(&end.upstream) || failed(&end.client) {
         tracing::info!(session = id, replica = %replica.name, client_side = ?end.upstream, replica_side = ?end.client, "session ended abnormally");
     } else {
-        tracing::debug!(session = id, replica = %replica.name, shutdown = end.shutdown, "session closed");
+        tracing::debug!(session = id, replica = %replica.name, stopped_by_router = end.stopped, "session closed");
     }
 }
 

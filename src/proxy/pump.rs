@@ -3,16 +3,18 @@
 //! next read from its source would block.
 //!
 //! The session ends through close frames passed through both ways, through a failure on one
-//! side (the other side is told why), or through an order from the router (shutdown).
+//! side (the other side is told why), or through a [`Stop`] from the router: shutdown, a
+//! replica turning unhealthy, the session's lifetime, the idle timeout, or a peer that stopped
+//! answering keepalive pings.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::stats::{DirectionStats, Traffic};
@@ -31,6 +33,41 @@ pub struct CloseOrder {
     pub error_json: Option<String>,
     /// Close code and reason; `None` when the sink's peer is already gone.
     pub close: Option<(u16, String)>,
+}
+
+/// What the bridge can tell a pump while it forwards.
+#[derive(Debug)]
+pub enum Order {
+    /// Send a keepalive ping to the sink's peer.
+    Ping,
+    /// Stop forwarding: write this to the sink, then drain the source.
+    Close(CloseOrder),
+}
+
+/// Payload of the router's own pings; the matching pongs are answered to the router and
+/// not forwarded.
+pub const KEEPALIVE_PAYLOAD: &[u8] = b"wsrouter-keepalive";
+
+/// Bits a pump sets when it reads from its source; the bridge clears them when it looks.
+pub mod heard {
+    /// Any frame arrived (the peer is alive).
+    pub const ANY: u8 = 1;
+    /// A frame was forwarded (the session is in use).
+    pub const FORWARDED: u8 = 2;
+}
+
+/// What a pump shares with the bridge.
+pub struct Link<'a> {
+    pub orders: mpsc::Receiver<Order>,
+    pub stats: &'a DirectionStats,
+    pub heard: &'a AtomicU8,
+}
+
+fn mark(heard: &AtomicU8, bits: u8) {
+    // A load first: the common case (already marked) costs no atomic write.
+    if heard.load(Ordering::Relaxed) & bits != bits {
+        heard.fetch_or(bits, Ordering::Relaxed);
+    }
 }
 
 /// How a pump stopped.
@@ -171,14 +208,14 @@ enum Step<'f> {
     ),
 }
 
-/// Forward frames from `source` to `sink` until one side closes or fails, or an order arrives.
+/// Forward frames from `source` to `sink` until one side closes or fails, or a close order
+/// arrives.
 pub async fn pump<R, W>(
     source: &mut WebSocketRead<R>,
     sink: &mut WebSocketWrite<W>,
     direction: Direction,
-    order: oneshot::Receiver<CloseOrder>,
+    mut link: Link<'_>,
     close_timeout: Duration,
-    stats: &DirectionStats,
 ) -> PumpEnd
 where
     R: AsyncRead + Unpin,
@@ -189,13 +226,12 @@ where
         source,
         sink,
         direction,
-        order,
+        &mut link,
         close_timeout,
-        stats,
         &mut counted,
     )
     .await;
-    stats.add(counted.frames, counted.bytes);
+    link.stats.add(counted.frames, counted.bytes);
     end
 }
 
@@ -210,24 +246,33 @@ async fn forward<R, W>(
     source: &mut WebSocketRead<R>,
     sink: &mut WebSocketWrite<W>,
     direction: Direction,
-    order: oneshot::Receiver<CloseOrder>,
+    link: &mut Link<'_>,
     close_timeout: Duration,
-    stats: &DirectionStats,
     counted: &mut Counted,
 ) -> PumpEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut order = Some(order);
+    let stats = link.stats;
+    let mut orders = Orders::new(&mut link.orders);
     let mut send = no_obligated_send;
     loop {
         // Between frames no read is in flight, so an order can be carried out here at no risk;
         // this is what stops a source that never pauses (a replica streaming non-stop).
-        if let Some(received) = take_ready_order(&mut order) {
-            write_order(sink, received).await;
-            drain_until_close(source, Instant::now() + close_timeout).await;
-            return PumpEnd::Ordered;
+        while let Some(order) = orders.ready() {
+            match order {
+                Order::Ping => {
+                    if let Err(e) = sink.write_frame(keepalive_ping()).await {
+                        return PumpEnd::SinkFailed(e.to_string());
+                    }
+                }
+                Order::Close(received) => {
+                    write_order(sink, received).await;
+                    drain_until_close(source, Instant::now() + close_timeout).await;
+                    return PumpEnd::Ordered;
+                }
+            }
         }
         // `read_frame` is not cancel-safe: the in-flight read stays pinned and is polled to
         // its end even while an order is carried out.
@@ -245,12 +290,22 @@ where
                     if let Err(e) = sink.flush().await {
                         return PumpEnd::SinkFailed(e.to_string());
                     }
-                    tokio::select! {
-                        result = &mut read => Step::Read(result),
-                        received = OptionalOrder(&mut order) => {
-                            write_order(sink, received).await;
-                            let deadline = Instant::now() + close_timeout;
-                            Step::Ordered(tokio::time::timeout_at(deadline, &mut read).await, deadline)
+                    loop {
+                        tokio::select! {
+                            result = &mut read => break Step::Read(result),
+                            order = orders.next() => match order {
+                                Order::Ping => {
+                                    let sent = sink.write_frame(keepalive_ping()).await;
+                                    if let Err(e) = sent.and(sink.flush().await) {
+                                        return PumpEnd::SinkFailed(e.to_string());
+                                    }
+                                }
+                                Order::Close(received) => {
+                                    write_order(sink, received).await;
+                                    let deadline = Instant::now() + close_timeout;
+                                    break Step::Ordered(tokio::time::timeout_at(deadline, &mut read).await, deadline);
+                                }
+                            },
                         }
                     }
                 }
@@ -275,6 +330,12 @@ where
             }
         };
 
+        if frame.opcode == OpCode::Pong && &frame.payload[..] == KEEPALIVE_PAYLOAD {
+            // The answer to the router's own ping: proof of life, nothing to forward.
+            mark(link.heard, heard::ANY);
+            continue;
+        }
+        mark(link.heard, heard::ANY | heard::FORWARDED);
         let is_close = frame.opcode == OpCode::Close;
         counted.frames += 1;
         counted.bytes += frame.payload.len() as u64;
@@ -296,41 +357,46 @@ where
     }
 }
 
-/// An order that has already arrived, if any (never waits).
-fn take_ready_order(order: &mut Option<oneshot::Receiver<CloseOrder>>) -> Option<CloseOrder> {
-    match order.as_mut()?.try_recv() {
-        Ok(received) => {
-            *order = None;
-            Some(received)
-        }
-        Err(oneshot::error::TryRecvError::Empty) => None,
-        Err(oneshot::error::TryRecvError::Closed) => {
-            *order = None;
-            None
-        }
-    }
+fn keepalive_ping() -> Frame<'static> {
+    Frame::new(
+        true,
+        OpCode::Ping,
+        None,
+        Payload::Borrowed(KEEPALIVE_PAYLOAD),
+    )
 }
 
-/// A oneshot receiver that may already be used up: then it never resolves.
-struct OptionalOrder<'a>(&'a mut Option<oneshot::Receiver<CloseOrder>>);
+/// A pump's order inbox; once the bridge has hung up it simply never yields again.
+struct Orders<'a> {
+    inbox: Option<&'a mut mpsc::Receiver<Order>>,
+}
 
-impl Future for OptionalOrder<'_> {
-    type Output = CloseOrder;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<CloseOrder> {
-        let Some(rx) = self.0.as_mut() else {
-            return Poll::Pending;
-        };
-        match Pin::new(rx).poll(cx) {
-            Poll::Ready(Ok(order)) => {
-                *self.0 = None;
-                Poll::Ready(order)
+impl<'a> Orders<'a> {
+    fn new(inbox: &'a mut mpsc::Receiver<Order>) -> Self {
+        Orders { inbox: Some(inbox) }
+    }
+
+    /// An order that has already arrived, if any (never waits).
+    fn ready(&mut self) -> Option<Order> {
+        match self.inbox.as_mut()?.try_recv() {
+            Ok(order) => Some(order),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                self.inbox = None;
+                None
             }
-            Poll::Ready(Err(_)) => {
-                *self.0 = None;
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// The next order; pending forever once the bridge has hung up. Cancel-safe.
+    async fn next(&mut self) -> Order {
+        if let Some(inbox) = self.inbox.as_mut() {
+            if let Some(order) = inbox.recv().await {
+                return order;
+            }
+            self.inbox = None;
+        }
+        std::future::pending().await
     }
 }
 
@@ -339,11 +405,190 @@ impl Future for OptionalOrder<'_> {
 pub struct SessionEnd {
     pub upstream: PumpEnd,
     pub client: PumpEnd,
-    pub shutdown: bool,
+    /// Why the router ended the session, if it did.
+    pub stopped: Option<&'static str>,
 }
 
-/// Run both pumps until the session is over. `shutdown` resolving makes the router say 1001
-/// ("going away") to both sides.
+/// The router ending a session: what each side is told.
+#[derive(Debug)]
+pub struct Stop {
+    pub why: &'static str,
+    pub to_client: CloseOrder,
+    pub to_upstream: CloseOrder,
+}
+
+impl Stop {
+    /// SIGTERM/SIGINT: 1001 ("going away") to both sides.
+    pub fn shutdown() -> Stop {
+        let going_away = || CloseOrder {
+            error_json: None,
+            close: Some((1001, "router shutting down".into())),
+        };
+        Stop {
+            why: "shutdown",
+            to_client: going_away(),
+            to_upstream: going_away(),
+        }
+    }
+
+    /// Move the client elsewhere: a retryable JSON error and 1012 ("service restart"), so it
+    /// reconnects and is balanced again.
+    pub fn reconnect(why: &'static str, message: &str) -> Stop {
+        Stop {
+            why,
+            to_client: CloseOrder {
+                error_json: Some(error_json(why, message)),
+                close: Some((1012, "reconnect".into())),
+            },
+            to_upstream: CloseOrder {
+                error_json: None,
+                close: Some((1001, "session moved".into())),
+            },
+        }
+    }
+
+    fn idle() -> Stop {
+        let idle = || CloseOrder {
+            error_json: None,
+            close: Some((1001, "idle timeout".into())),
+        };
+        Stop {
+            why: "idle_timeout",
+            to_client: idle(),
+            to_upstream: idle(),
+        }
+    }
+
+    fn unresponsive(side: Direction) -> Stop {
+        let no_answer = || CloseOrder {
+            error_json: None,
+            close: Some((1001, "no answer to ping".into())),
+        };
+        match side {
+            // The client went silent.
+            Direction::ToUpstream => Stop {
+                why: "client_unresponsive",
+                to_client: no_answer(),
+                to_upstream: CloseOrder {
+                    error_json: None,
+                    close: Some((1001, "client went away".into())),
+                },
+            },
+            Direction::ToClient => Stop {
+                why: "worker_unresponsive",
+                to_client: CloseOrder {
+                    error_json: Some(error_json(
+                        "worker_failed",
+                        "the worker stopped answering pings",
+                    )),
+                    close: Some((1011, "worker_failed".into())),
+                },
+                to_upstream: no_answer(),
+            },
+        }
+    }
+}
+
+/// Keepalive settings of a session; `None` turns a mechanism off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keepalive {
+    /// Ping a side that has sent nothing for this long; if it still sends nothing for as long
+    /// again, it is considered gone.
+    pub ping_interval: Option<Duration>,
+    /// End the session when no frame has been forwarded either way for this long.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The bridge's view of one side's liveness.
+struct Liveness {
+    heard_at: Instant,
+    pinged_at: Option<Instant>,
+}
+
+/// Keepalive bookkeeping, run on a timer tick.
+struct Watch {
+    config: Keepalive,
+    forwarded_at: Instant,
+    /// Indexed by the direction of the pump that reads the side: [client, replica].
+    sides: [Liveness; 2],
+}
+
+enum Verdict {
+    Fine,
+    Ping(Direction),
+    Stop(Stop),
+}
+
+impl Watch {
+    fn new(config: Keepalive, now: Instant) -> Watch {
+        let side = || Liveness {
+            heard_at: now,
+            pinged_at: None,
+        };
+        Watch {
+            config,
+            forwarded_at: now,
+            sides: [side(), side()],
+        }
+    }
+
+    /// How often to look: a quarter of the idle timeout bounds how late it fires.
+    fn period(&self) -> Option<Duration> {
+        let idle = self.config.idle_timeout.map(|t| t / 4);
+        match (self.config.ping_interval, idle) {
+            (Some(p), Some(i)) => Some(p.min(i)),
+            (p, i) => p.or(i),
+        }
+        .map(|t| t.max(Duration::from_millis(10)))
+    }
+
+    /// Take in what the pumps heard since the last look, then decide.
+    fn look(&mut self, heard: [&AtomicU8; 2], now: Instant) -> Vec<Verdict> {
+        for (side, bits) in self.sides.iter_mut().zip(heard) {
+            let bits = bits.swap(0, Ordering::Relaxed);
+            if bits & heard::ANY != 0 {
+                side.heard_at = now;
+                side.pinged_at = None;
+            }
+            if bits & heard::FORWARDED != 0 {
+                self.forwarded_at = now;
+            }
+        }
+        if let Some(idle) = self.config.idle_timeout {
+            if now - self.forwarded_at >= idle {
+                return vec![Verdict::Stop(Stop::idle())];
+            }
+        }
+        let Some(interval) = self.config.ping_interval else {
+            return vec![Verdict::Fine];
+        };
+        let mut verdicts = Vec::new();
+        for (side, direction) in self
+            .sides
+            .iter_mut()
+            .zip([Direction::ToUpstream, Direction::ToClient])
+        {
+            match side.pinged_at {
+                Some(pinged) if now - pinged >= interval => {
+                    return vec![Verdict::Stop(Stop::unresponsive(direction))];
+                }
+                Some(_) => {}
+                None if now - side.heard_at >= interval => {
+                    side.pinged_at = Some(now);
+                    // The ping goes out through the pump that writes to that side.
+                    verdicts.push(Verdict::Ping(match direction {
+                        Direction::ToUpstream => Direction::ToClient,
+                        Direction::ToClient => Direction::ToUpstream,
+                    }));
+                }
+                None => {}
+            }
+        }
+        verdicts
+    }
+}
+
+/// Run both pumps until the session is over, or until `stop` (or the keepalive watch) ends it.
 #[allow(clippy::too_many_arguments)]
 pub async fn bridge<CR, CW, UR, UW>(
     client_read: &mut WebSocketRead<CR>,
@@ -351,7 +596,8 @@ pub async fn bridge<CR, CW, UR, UW>(
     upstream_read: &mut WebSocketRead<UR>,
     upstream_write: &mut WebSocketWrite<UW>,
     close_timeout: Duration,
-    shutdown: impl Future<Output = ()>,
+    keepalive: Keepalive,
+    stop: impl Future<Output = Stop>,
     traffic: &Traffic,
 ) -> SessionEnd
 where
@@ -360,76 +606,121 @@ where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    let (order_up_tx, order_up_rx) = oneshot::channel();
-    let (order_down_tx, order_down_rx) = oneshot::channel();
+    let (order_up_tx, order_up_rx) = mpsc::channel(4);
+    let (order_down_tx, order_down_rx) = mpsc::channel(4);
+    let heard_from_client = AtomicU8::new(0);
+    let heard_from_upstream = AtomicU8::new(0);
     let up = pump(
         client_read,
         upstream_write,
         Direction::ToUpstream,
-        order_up_rx,
+        Link {
+            orders: order_up_rx,
+            stats: &traffic.to_upstream,
+            heard: &heard_from_client,
+        },
         close_timeout,
-        &traffic.to_upstream,
     );
     let down = pump(
         upstream_read,
         client_write,
         Direction::ToClient,
-        order_down_rx,
+        Link {
+            orders: order_down_rx,
+            stats: &traffic.to_client,
+            heard: &heard_from_upstream,
+        },
         close_timeout,
-        &traffic.to_client,
     );
-    tokio::pin!(up, down, shutdown);
+    tokio::pin!(up, down, stop);
 
     // Bound on waiting for the other pump once one has ended: its own drain deadline plus slack.
     let within = close_timeout + Duration::from_secs(1);
+    let mut watch = Watch::new(keepalive, Instant::now());
+    let mut ticks = watch.period().map(|period| {
+        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
 
-    tokio::select! {
-        end = &mut up => {
-            // The client side stopped: tell the client (through the down pump) what it is owed.
-            let order = match &end {
-                PumpEnd::SourceClosed => None,
-                PumpEnd::SourceFailed { owed_close, .. } => Some(CloseOrder {
-                    error_json: None,
-                    close: owed_close.map(|code| (code, "protocol error".to_string())),
-                }),
-                PumpEnd::SinkFailed(error) => Some(CloseOrder {
-                    error_json: Some(error_json("worker_failed", &format!("the connection to the worker failed: {error}"))),
-                    close: Some((1011, "worker_failed".into())),
-                }),
-                PumpEnd::Ordered => None,
-            };
-            if let Some(order) = order {
-                let _ = order_down_tx.send(order);
+    let stop = loop {
+        tokio::select! {
+            end = &mut up => {
+                // The client side stopped: tell the client (through the down pump) what it is owed.
+                let order = match &end {
+                    PumpEnd::SourceClosed => None,
+                    PumpEnd::SourceFailed { owed_close, .. } => Some(CloseOrder {
+                        error_json: None,
+                        close: owed_close.map(|code| (code, "protocol error".to_string())),
+                    }),
+                    PumpEnd::SinkFailed(error) => Some(CloseOrder {
+                        error_json: Some(error_json("worker_failed", &format!("the connection to the worker failed: {error}"))),
+                        close: Some((1011, "worker_failed".into())),
+                    }),
+                    PumpEnd::Ordered => None,
+                };
+                if let Some(order) = order {
+                    let _ = order_down_tx.try_send(Order::Close(order));
+                }
+                let client = finish(&mut down, within).await;
+                return SessionEnd { upstream: end, client, stopped: None };
             }
-            let client = finish(&mut down, within).await;
-            SessionEnd { upstream: end, client, shutdown: false }
-        }
-        end = &mut down => {
-            let order = match &end {
-                PumpEnd::SourceClosed => None,
-                PumpEnd::SourceFailed { owed_close, .. } => Some(CloseOrder {
-                    error_json: None,
-                    close: owed_close.map(|code| (code, "protocol error".to_string())),
-                }),
-                PumpEnd::SinkFailed(_) => Some(CloseOrder {
-                    error_json: None,
-                    close: Some((1001, "client went away".into())),
-                }),
-                PumpEnd::Ordered => None,
-            };
-            if let Some(order) = order {
-                let _ = order_up_tx.send(order);
+            end = &mut down => {
+                let order = match &end {
+                    PumpEnd::SourceClosed => None,
+                    PumpEnd::SourceFailed { owed_close, .. } => Some(CloseOrder {
+                        error_json: None,
+                        close: owed_close.map(|code| (code, "protocol error".to_string())),
+                    }),
+                    PumpEnd::SinkFailed(_) => Some(CloseOrder {
+                        error_json: None,
+                        close: Some((1001, "client went away".into())),
+                    }),
+                    PumpEnd::Ordered => None,
+                };
+                if let Some(order) = order {
+                    let _ = order_up_tx.try_send(Order::Close(order));
+                }
+                let upstream = finish(&mut up, within).await;
+                return SessionEnd { upstream, client: end, stopped: None };
             }
-            let upstream = finish(&mut up, within).await;
-            SessionEnd { upstream, client: end, shutdown: false }
+            stop = &mut stop => break stop,
+            _ = tick(&mut ticks) => {
+                let now = Instant::now();
+                let mut stop = None;
+                for verdict in watch.look([&heard_from_client, &heard_from_upstream], now) {
+                    match verdict {
+                        Verdict::Fine => {}
+                        // A full inbox means orders are already queued; a ping can wait a tick.
+                        Verdict::Ping(Direction::ToClient) => { let _ = order_down_tx.try_send(Order::Ping); }
+                        Verdict::Ping(Direction::ToUpstream) => { let _ = order_up_tx.try_send(Order::Ping); }
+                        Verdict::Stop(s) => stop = Some(s),
+                    }
+                }
+                if let Some(stop) = stop {
+                    break stop;
+                }
+            }
         }
-        () = &mut shutdown => {
-            let going_away = || Some((1001, "router shutting down".to_string()));
-            let _ = order_up_tx.send(CloseOrder { error_json: None, close: going_away() });
-            let _ = order_down_tx.send(CloseOrder { error_json: None, close: going_away() });
-            let (upstream, client) = tokio::join!(finish(&mut up, within), finish(&mut down, within));
-            SessionEnd { upstream, client, shutdown: true }
+    };
+    // Close orders are the first and only ones that matter now: wait for room if need be.
+    let _ = order_up_tx.send(Order::Close(stop.to_upstream)).await;
+    let _ = order_down_tx.send(Order::Close(stop.to_client)).await;
+    let (upstream, client) = tokio::join!(finish(&mut up, within), finish(&mut down, within));
+    SessionEnd {
+        upstream,
+        client,
+        stopped: Some(stop.why),
+    }
+}
+
+/// The next keepalive tick; never, without keepalive.
+async fn tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(ticks) => {
+            ticks.tick().await;
         }
+        None => std::future::pending().await,
     }
 }
 
@@ -443,6 +734,7 @@ async fn finish(pump: impl Future<Output = PumpEnd>, within: Duration) -> PumpEn
 mod tests {
     use super::*;
     use std::io;
+    use std::pin::Pin;
     use std::task::Context;
     use tokio::io::ReadBuf;
 
@@ -479,20 +771,25 @@ mod tests {
         };
         let (mut source, _) = split(source, tokio::io::sink(), Role::Client, 1024);
         let (_, mut sink) = split(tokio::io::empty(), Vec::<u8>::new(), Role::Server, 1024);
-        let (tx, rx) = oneshot::channel();
-        tx.send(CloseOrder {
+        let (tx, rx) = mpsc::channel(1);
+        tx.try_send(Order::Close(CloseOrder {
             error_json: None,
             close: Some((1001, "router shutting down".into())),
-        })
+        }))
         .unwrap();
         let stats = DirectionStats::default();
+        let heard = AtomicU8::new(0);
+        let link = Link {
+            orders: rx,
+            stats: &stats,
+            heard: &heard,
+        };
         let end = pump(
             &mut source,
             &mut sink,
             Direction::ToClient,
-            rx,
+            link,
             Duration::from_millis(50),
-            &stats,
         )
         .await;
         assert!(

@@ -99,9 +99,20 @@ impl Histogram {
     }
 }
 
+/// Why the router ended live sessions (see `pump::Stop`).
+pub const STOP_REASONS: [&str; 6] = [
+    "shutdown",
+    "worker_unhealthy",
+    "session_expired",
+    "idle_timeout",
+    "client_unresponsive",
+    "worker_unresponsive",
+];
+
 #[derive(Default)]
 pub struct Stats {
     rejected: [AtomicU64; 4],
+    stopped: [AtomicU64; STOP_REASONS.len()],
     pub traffic: Traffic,
     /// Upstream TCP connect plus WebSocket handshake, for sessions that opened.
     pub handshake_seconds: Histogram,
@@ -114,5 +125,19 @@ impl Stats {
 
     pub fn rejected(&self, why: Rejection) -> u64 {
         self.rejected[why as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn count_stop(&self, why: &str) {
+        if let Some(i) = STOP_REASONS.iter().position(|&r| r == why) {
+            self.stopped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sessions the router ended, per reason in [`STOP_REASONS`].
+    pub fn stopped(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        STOP_REASONS
+            .iter()
+            .zip(&self.stopped)
+            .map(|(&why, n)| (why, n.load(Ordering::Relaxed)))
     }
 }

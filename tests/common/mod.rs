@@ -251,6 +251,8 @@ pub enum RawMode {
     Status(u16),
     /// Read the request and never answer (a hung worker).
     Silent,
+    /// Complete the handshake, then read everything and never write (not even pongs).
+    Mute,
 }
 
 /// A hand-written replica on 127.0.0.1 for behaviour the echo replica cannot show.
@@ -287,7 +289,7 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                     RawMode::Silent => unreachable!(),
                     RawMode::Status(code) => format!("HTTP/1.1 {code} Nope\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
                     RawMode::WrongAccept => "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n".to_string(),
-                    RawMode::Stream => format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"),
+                    RawMode::Stream | RawMode::Mute => format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"),
                 };
                 if stream.write_all(response.as_bytes()).await.is_err() {
                     return;
@@ -312,6 +314,13 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                         }
                     });
                     while w.write_all(&batch).await.is_ok() {}
+                } else if let RawMode::Mute = mode {
+                    let mut sink = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
                 } else {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
