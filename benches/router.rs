@@ -107,7 +107,12 @@ fn bench_selection(c: &mut Criterion) {
     let ok = Observation::Success {
         latency: Duration::from_millis(1),
     };
-    registry.observe_all((0..1000).filter(|i| i % 2 == 1).map(|i| (i, ok.clone())));
+    let replicas = registry.replicas();
+    registry.observe_all(
+        (0..1000)
+            .filter(|i| i % 2 == 1)
+            .map(|i| (replicas[i].clone(), ok.clone())),
+    );
     for (name, policy) in [
         ("failover", Policy::Failover),
         ("least_sessions", Policy::LeastSessions),

@@ -186,7 +186,11 @@ mod tests {
         let ok = Observation::Success {
             latency: Duration::ZERO,
         };
-        reg.observe_all(healthy.iter().map(|&i| (i, ok.clone())));
+        reg.observe_all(
+            healthy
+                .iter()
+                .map(|&i| (reg.replicas()[i].clone(), ok.clone())),
+        );
     }
 
     fn order(balancer: &Balancer, reg: &Registry) -> Vec<usize> {
@@ -232,7 +236,7 @@ mod tests {
             latency: None,
         };
         for _ in 0..3 {
-            reg.observe(0, fail.clone());
+            reg.observe(&reg.replicas()[0], fail.clone());
         }
         assert_eq!(
             order(&Balancer::new(Policy::Failover, None), &reg),
@@ -326,7 +330,7 @@ mod tests {
             latency: None,
         };
         for _ in 0..3 {
-            reg.observe(2, fail.clone());
+            reg.observe(&reg.replicas()[2], fail.clone());
         }
         for (key, &was) in keys.iter().zip(&before) {
             let now = sticky_first(&balancer, &reg, key);

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::JoinSet;
 
-use crate::config::{seconds, HealthCheck};
+use crate::config::seconds;
 use crate::registry::{Observation, Registry, Replica};
 
 pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -20,17 +20,22 @@ pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 /// One health probe of one replica. `Ok` means healthy; `Err` carries the reason.
 /// The loop measures latency and applies the timeout, so implementations need not.
 pub trait Probe: Send + Sync + 'static {
-    fn probe(&self, replica: &Replica) -> ProbeFuture;
+    fn probe(&self, replica: &Replica, path: &str) -> ProbeFuture;
 }
 
 /// `GET {url}{path}` over a pooled keep-alive client; status >= 400 is a failure.
 pub struct HttpProbe {
     client: Client<HttpConnector, Empty<Bytes>>,
-    path: String,
+}
+
+impl Default for HttpProbe {
+    fn default() -> Self {
+        HttpProbe::new()
+    }
 }
 
 impl HttpProbe {
-    pub fn new(path: &str) -> HttpProbe {
+    pub fn new() -> HttpProbe {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
@@ -39,17 +44,14 @@ impl HttpProbe {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1)
             .build(connector);
-        HttpProbe {
-            client,
-            path: path.to_string(),
-        }
+        HttpProbe { client }
     }
 }
 
 impl Probe for HttpProbe {
-    fn probe(&self, replica: &Replica) -> ProbeFuture {
+    fn probe(&self, replica: &Replica, path: &str) -> ProbeFuture {
         let client = self.client.clone();
-        let uri = format!("{}{}", replica.url, self.path);
+        let uri = format!("{}{}", replica.url, path);
         Box::pin(async move {
             let uri: hyper::Uri = uri.parse().map_err(|e| format!("bad probe url: {e}"))?;
             let response =
@@ -94,56 +96,40 @@ async fn observe(probe: ProbeFuture, timeout: Duration) -> Observation {
 }
 
 /// Probe every replica once, in parallel, and publish the results together.
-pub async fn run_cycle(registry: &Registry, probe: &dyn Probe, timeout: Duration) {
+pub async fn run_cycle(registry: &Registry, probe: &dyn Probe) {
+    let check = registry.health_check();
+    let timeout = seconds(check.timeout_seconds);
     let mut probes = JoinSet::new();
     for replica in registry.replicas() {
-        let index = replica.index;
-        let fut = probe.probe(replica);
-        probes.spawn(async move { (index, observe(fut, timeout).await) });
+        let fut = probe.probe(&replica, &check.path);
+        probes.spawn(async move {
+            let observation = observe(fut, timeout).await;
+            match &observation {
+                Observation::Success { .. } => tracing::trace!(replica = %replica.name, "probe ok"),
+                Observation::Failure { error, .. } => {
+                    tracing::debug!(replica = %replica.name, %error, "probe failed")
+                }
+            }
+            (replica, observation)
+        });
     }
-    let mut results = Vec::with_capacity(registry.replicas().len());
+    let mut results = Vec::new();
     while let Some(joined) = probes.join_next().await {
         if let Ok(result) = joined {
             results.push(result);
         }
     }
-    for (index, observation) in &results {
-        let name = &registry.replicas()[*index].name;
-        match observation {
-            Observation::Success { .. } => tracing::trace!(replica = %name, "probe ok"),
-            Observation::Failure { error, .. } => {
-                tracing::debug!(replica = %name, %error, "probe failed")
-            }
-        }
-    }
-    let before: Vec<_> = registry
-        .snapshot()
-        .replicas
-        .iter()
-        .map(|r| r.health.status)
-        .collect();
     registry.observe_all(results);
-    for (state, old) in registry.snapshot().replicas.iter().zip(before) {
-        if state.health.status != old {
-            tracing::info!(
-                replica = %state.replica.name,
-                from = old.as_str(),
-                to = state.health.status.as_str(),
-                error = state.health.last_error.as_deref().unwrap_or(""),
-                "replica health changed"
-            );
-        }
-    }
 }
 
-/// The loop: a cycle starts every `interval_seconds` (start to start); a cycle that
-/// overruns delays the next one rather than stacking probes.
-pub async fn run(registry: Arc<Registry>, probe: Arc<dyn Probe>, config: HealthCheck) {
-    let mut ticker = tokio::time::interval(seconds(config.interval_seconds));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let timeout = seconds(config.timeout_seconds);
+/// The loop: a cycle starts every `interval_seconds` (start to start); a cycle that overruns
+/// delays the next one rather than stacking probes. Settings are read each cycle, so a
+/// reload takes effect from the next one.
+pub async fn run(registry: Arc<Registry>, probe: Arc<dyn Probe>) {
     loop {
-        ticker.tick().await;
-        run_cycle(&registry, probe.as_ref(), timeout).await;
+        let started = tokio::time::Instant::now();
+        run_cycle(&registry, probe.as_ref()).await;
+        let interval = seconds(registry.health_check().interval_seconds);
+        tokio::time::sleep_until(started + interval).await;
     }
 }

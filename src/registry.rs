@@ -11,11 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, HealthCheck};
 
-/// Static facts about one replica plus its live session counters.
+/// One replica: its settings from the config generation that listed it, and live state
+/// that carries over to the next generation when a reload keeps its url.
 #[derive(Debug)]
 pub struct Replica {
+    /// Position in the config (for display; identity is the url).
     pub index: usize,
     pub name: String,
     pub url: String,
@@ -25,6 +27,12 @@ pub struct Replica {
     pub weight: f64,
     /// Capacity; `usize::MAX` when the config sets none.
     pub max_sessions: usize,
+    live: Arc<Live>,
+}
+
+/// Counters and status shared by every config generation of a replica.
+#[derive(Debug)]
+struct Live {
     /// Sessions open or being opened here (a slot is reserved before the upstream connect).
     active_sessions: AtomicUsize,
     total_sessions: AtomicU64,
@@ -34,17 +42,34 @@ pub struct Replica {
 }
 
 impl Replica {
+    fn new(index: usize, config: &config::Replica, live: Arc<Live>) -> Replica {
+        let addr = config::parse_replica_url(&config.url).expect("validated at load");
+        Replica {
+            index,
+            name: config
+                .name
+                .clone()
+                .unwrap_or_else(|| addr.authority.clone()),
+            url: addr.url,
+            authority: addr.authority,
+            primary: config.primary,
+            weight: config.weight,
+            max_sessions: config.max_sessions.unwrap_or(usize::MAX),
+            live,
+        }
+    }
+
     /// Follow this replica's published health status.
     pub fn watch_status(&self) -> watch::Receiver<Status> {
-        self.status.subscribe()
+        self.live.status.subscribe()
     }
 
     pub fn active_sessions(&self) -> usize {
-        self.active_sessions.load(Ordering::Relaxed)
+        self.live.active_sessions.load(Ordering::Relaxed)
     }
 
     pub fn total_sessions(&self) -> u64 {
-        self.total_sessions.load(Ordering::Relaxed)
+        self.live.total_sessions.load(Ordering::Relaxed)
     }
 
     pub fn is_full(&self) -> bool {
@@ -53,31 +78,32 @@ impl Replica {
 
     /// Reserve a session slot if the replica is below capacity; the slot is held until the
     /// returned guard drops. Lock-free: concurrent handshakes cannot overshoot `max_sessions`.
-    pub fn try_reserve_session(self: &Arc<Self>) -> Option<SessionGuard> {
-        self.active_sessions
+    pub fn try_reserve_session(&self) -> Option<SessionGuard> {
+        self.live
+            .active_sessions
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                 (n < self.max_sessions).then_some(n + 1)
             })
             .ok()?;
-        Some(SessionGuard(self.clone()))
+        Some(SessionGuard(self.live.clone()))
     }
 
     pub fn connect_failures(&self) -> u64 {
-        self.connect_failures.load(Ordering::Relaxed)
+        self.live.connect_failures.load(Ordering::Relaxed)
     }
 
     /// Count a failed upstream connect or handshake.
     pub fn count_connect_failure(&self) {
-        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.live.connect_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Count a completed session handshake (for totals and metrics).
     pub fn count_session(&self) {
-        self.total_sessions.fetch_add(1, Ordering::Relaxed);
+        self.live.total_sessions.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-pub struct SessionGuard(Arc<Replica>);
+pub struct SessionGuard(Arc<Live>);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
@@ -209,45 +235,82 @@ pub struct Snapshot {
 pub struct Registry {
     snapshot: ArcSwap<Snapshot>,
     /// Writers only: serialises updates so none is lost between load and store.
-    health: Mutex<Vec<Health>>,
+    members: Mutex<Members>,
+}
+
+struct Members {
     replicas: Vec<Arc<Replica>>,
-    failure_threshold: u32,
-    recovery_threshold: u32,
+    health: Vec<Health>,
+    check: HealthCheck,
+}
+
+/// What a reload changed in the replica set, by name.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Kept (same url), with their health state and counters.
+    pub kept: Vec<String>,
 }
 
 impl Registry {
     pub fn new(config: &Config) -> Registry {
-        let replicas: Vec<Arc<Replica>> = config
-            .replicas
-            .iter()
-            .enumerate()
-            .map(|(index, r)| {
-                let addr = config::parse_replica_url(&r.url).expect("validated at load");
-                Arc::new(Replica {
-                    index,
-                    name: r.name.clone().unwrap_or_else(|| addr.authority.clone()),
-                    url: addr.url,
-                    authority: addr.authority,
-                    primary: r.primary,
-                    weight: r.weight,
-                    max_sessions: r.max_sessions.unwrap_or(usize::MAX),
-                    active_sessions: AtomicUsize::new(0),
-                    total_sessions: AtomicU64::new(0),
-                    connect_failures: AtomicU64::new(0),
-                    status: watch::Sender::new(Status::Unknown),
-                })
-            })
-            .collect();
-        let health = vec![Health::default(); replicas.len()];
         let registry = Registry {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
-            health: Mutex::new(health),
-            replicas,
-            failure_threshold: config.health_check.failure_threshold,
-            recovery_threshold: config.health_check.recovery_threshold,
+            members: Mutex::new(Members {
+                replicas: Vec::new(),
+                health: Vec::new(),
+                check: config.health_check.clone(),
+            }),
         };
-        registry.publish(&registry.health.lock().unwrap());
+        registry.reconfigure(config);
         registry
+    }
+
+    /// Take a new config's replica set and health settings. A replica whose url was already
+    /// known keeps its health state, counters and live sessions; settings (name, weight,
+    /// primary, capacity) come from the new config.
+    pub fn reconfigure(&self, config: &Config) -> Changes {
+        let mut members = self.members.lock().unwrap();
+        let mut changes = Changes::default();
+        let mut replicas = Vec::with_capacity(config.replicas.len());
+        let mut health = Vec::with_capacity(config.replicas.len());
+        for (index, entry) in config.replicas.iter().enumerate() {
+            let url = config::parse_replica_url(&entry.url)
+                .expect("validated at load")
+                .url;
+            let known = members.replicas.iter().position(|r| r.url == url);
+            let (live, state) = match known {
+                Some(i) => (members.replicas[i].live.clone(), members.health[i].clone()),
+                None => (
+                    Arc::new(Live {
+                        active_sessions: AtomicUsize::new(0),
+                        total_sessions: AtomicU64::new(0),
+                        connect_failures: AtomicU64::new(0),
+                        status: watch::Sender::new(Status::Unknown),
+                    }),
+                    Health::default(),
+                ),
+            };
+            let replica = Arc::new(Replica::new(index, entry, live));
+            match known {
+                Some(_) => changes.kept.push(replica.name.clone()),
+                None => changes.added.push(replica.name.clone()),
+            }
+            replicas.push(replica);
+            health.push(state);
+        }
+        changes.removed = members
+            .replicas
+            .iter()
+            .filter(|old| !replicas.iter().any(|r| r.url == old.url))
+            .map(|old| old.name.clone())
+            .collect();
+        members.replicas = replicas;
+        members.health = health;
+        members.check = config.health_check.clone();
+        self.publish(&members);
+        changes
     }
 
     /// The current snapshot; lock-free.
@@ -255,40 +318,71 @@ impl Registry {
         self.snapshot.load()
     }
 
-    pub fn replicas(&self) -> &[Arc<Replica>] {
-        &self.replicas
+    /// The current replicas, in config order.
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        self.members.lock().unwrap().replicas.clone()
     }
 
-    /// Apply a batch of observations (one per replica index) and publish once.
-    pub fn observe_all(&self, observations: impl IntoIterator<Item = (usize, Observation)>) {
-        let mut health = self.health.lock().unwrap();
-        for (index, observation) in observations {
-            health[index].observe(
+    /// The current health-check settings.
+    pub fn health_check(&self) -> HealthCheck {
+        self.members.lock().unwrap().check.clone()
+    }
+
+    /// Apply a batch of observations and publish once. Observations of replicas that a reload
+    /// removed meanwhile are dropped.
+    pub fn observe_all(&self, observations: impl IntoIterator<Item = (Arc<Replica>, Observation)>) {
+        // Collected before locking: the iterator may itself read the registry.
+        let observations: Vec<_> = observations.into_iter().collect();
+        let mut members = self.members.lock().unwrap();
+        let Members {
+            replicas,
+            health,
+            check,
+        } = &mut *members;
+        for (replica, observation) in observations {
+            let Some(i) = replicas
+                .iter()
+                .position(|r| Arc::ptr_eq(&r.live, &replica.live))
+            else {
+                continue;
+            };
+            let before = health[i].status;
+            health[i].observe(
                 &observation,
-                self.failure_threshold,
-                self.recovery_threshold,
+                check.failure_threshold,
+                check.recovery_threshold,
             );
+            let after = health[i].status;
+            if after != before {
+                tracing::info!(
+                    replica = %replicas[i].name,
+                    from = before.as_str(),
+                    to = after.as_str(),
+                    error = health[i].last_error.as_deref().unwrap_or(""),
+                    "replica health changed"
+                );
+            }
         }
-        self.publish(&health);
+        self.publish(&members);
     }
 
     /// Apply one observation, e.g. a failed upstream connect seen by the proxy.
-    pub fn observe(&self, index: usize, observation: Observation) {
-        self.observe_all([(index, observation)]);
+    pub fn observe(&self, replica: &Arc<Replica>, observation: Observation) {
+        self.observe_all([(replica.clone(), observation)]);
     }
 
-    fn publish(&self, health: &[Health]) {
-        for (replica, health) in self.replicas.iter().zip(health) {
-            replica.status.send_if_modified(|status| {
+    fn publish(&self, members: &Members) {
+        for (replica, health) in members.replicas.iter().zip(&members.health) {
+            replica.live.status.send_if_modified(|status| {
                 let changed = *status != health.status;
                 *status = health.status;
                 changed
             });
         }
-        let replicas = self
+        let replicas = members
             .replicas
             .iter()
-            .zip(health)
+            .zip(&members.health)
             .map(|(replica, health)| ReplicaState {
                 replica: replica.clone(),
                 health: health.clone(),

@@ -35,7 +35,7 @@ pub enum Drain {
 impl Router {
     /// Bind the listener with the HTTP health probe.
     pub async fn bind(config: Config) -> io::Result<Router> {
-        let probe = Arc::new(HttpProbe::new(&config.health_check.path));
+        let probe = Arc::new(HttpProbe::new());
         Router::bind_with_probe(config, probe).await
     }
 
@@ -44,13 +44,7 @@ impl Router {
         let listener = TcpListener::bind(config.listen_addr()).await?;
         let registry = Arc::new(Registry::new(&config));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let proxy = Arc::new(Proxy::new(
-            registry.clone(),
-            config.limits.clone(),
-            config.balance.clone(),
-            &config.sessions,
-            shutdown_rx,
-        ));
+        let proxy = Arc::new(Proxy::new(registry.clone(), &config, shutdown_rx));
         Ok(Router {
             listener,
             registry,
@@ -72,11 +66,7 @@ impl Router {
     /// Serve until `shutdown` resolves; then stop accepting, send 1001 to both sides of every
     /// session, and return once they are closed or the drain timeout has passed.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
-        let health = tokio::spawn(health::run(
-            self.registry.clone(),
-            self.probe.clone(),
-            self.config.health_check.clone(),
-        ));
+        let health = tokio::spawn(health::run(self.registry.clone(), self.probe.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

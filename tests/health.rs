@@ -19,14 +19,14 @@ async fn replica_that_accepts_but_never_answers_turns_unhealthy_by_timeout() {
         replicas_toml(&[url], false)
     );
     let registry = Registry::new(&wsrouter::Config::parse(&text).unwrap());
-    let probe = HttpProbe::new("/health");
+    let probe = HttpProbe::new();
     let started = Instant::now();
-    run_cycle(&registry, &probe, Duration::from_millis(100)).await;
+    run_cycle(&registry, &probe).await;
     assert_eq!(
         registry.snapshot().replicas[0].health.status,
         Status::Unknown
     );
-    run_cycle(&registry, &probe, Duration::from_millis(100)).await;
+    run_cycle(&registry, &probe).await;
     let health = &registry.snapshot().replicas[0].health;
     assert_eq!(health.status, Status::Unhealthy);
     assert!(health.last_error.as_deref().unwrap().contains("timed out"));
@@ -42,8 +42,8 @@ async fn status_500_and_refused_connections_are_failures_and_recovery_needs_m_su
         replicas_toml(&[replica.url(), dead], false)
     );
     let registry = Registry::new(&wsrouter::Config::parse(&text).unwrap());
-    let probe = HttpProbe::new("/health");
-    let cycle = || run_cycle(&registry, &probe, Duration::from_secs(1));
+    let probe = HttpProbe::new();
+    let cycle = || run_cycle(&registry, &probe);
     cycle().await;
     let s = registry.snapshot();
     assert_eq!(s.replicas[0].health.status, Status::Healthy);
@@ -80,7 +80,7 @@ struct SlowProbe {
 }
 
 impl Probe for SlowProbe {
-    fn probe(&self, _: &Replica) -> ProbeFuture {
+    fn probe(&self, _: &Replica, _: &str) -> ProbeFuture {
         use std::sync::atomic::Ordering::SeqCst;
         let (delay, running, peak) = (self.delay, self.running.clone(), self.peak.clone());
         Box::pin(async move {
@@ -104,7 +104,7 @@ async fn all_replicas_are_probed_in_parallel_and_published_together() {
         running: Default::default(),
         peak: Default::default(),
     };
-    run_cycle(&registry, &probe, Duration::from_secs(1)).await;
+    run_cycle(&registry, &probe).await;
     assert_eq!(
         probe.peak.load(std::sync::atomic::Ordering::SeqCst),
         8,
@@ -123,12 +123,7 @@ async fn a_held_snapshot_is_immutable_while_new_ones_are_published() {
     let registry =
         Registry::new(&wsrouter::Config::parse(&replicas_toml(&[replica.url()], false)).unwrap());
     let before = registry.snapshot();
-    run_cycle(
-        &registry,
-        &HttpProbe::new("/health"),
-        Duration::from_secs(1),
-    )
-    .await;
+    run_cycle(&registry, &HttpProbe::new()).await;
     assert_eq!(before.replicas[0].health.status, Status::Unknown);
     assert_eq!(
         registry.snapshot().replicas[0].health.status,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Buf, Bytes};
 use fastwebsockets::Role;
 use http_body_util::Full;
@@ -33,7 +34,7 @@ use tokio::task::JoinSet;
 
 use crate::admin;
 use crate::balance::{Balancer, NoCandidate};
-use crate::config::{optional_seconds, seconds, Balance, Limits, Sessions};
+use crate::config::{optional_seconds, seconds, Config, Limits};
 use crate::registry::{Observation, Registry, Replica, SessionGuard, Status};
 use handshake::{Upstream, UpstreamError};
 use pump::{CloseOrder, Keepalive, PumpEnd, Stop};
@@ -59,30 +60,33 @@ struct Session {
 /// Shared state of the HTTP service.
 pub struct Proxy {
     registry: Arc<Registry>,
-    balancer: Balancer,
+    /// Swapped whole on reload; a session reads it once when it starts.
+    settings: ArcSwap<Settings>,
     stats: Stats,
-    limits: Limits,
-    race_candidates: usize,
-    race_delay: Duration,
-    close_on_unhealthy: bool,
-    max_lifetime: Option<Duration>,
-    keepalive: Keepalive,
+    /// Fixed for the process lifetime (the semaphore's size).
+    max_sessions: usize,
     sessions: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     next_session_id: AtomicU64,
 }
 
-impl Proxy {
-    pub fn new(
-        registry: Arc<Registry>,
-        limits: Limits,
-        balance: Balance,
-        sessions: &Sessions,
-        shutdown: watch::Receiver<bool>,
-    ) -> Proxy {
-        Proxy {
-            registry,
-            balancer: Balancer::new(balance.policy, balance.sticky_key),
+/// The reloadable part of the proxy's configuration.
+struct Settings {
+    limits: Limits,
+    balancer: Balancer,
+    race_candidates: usize,
+    race_delay: Duration,
+    close_on_unhealthy: bool,
+    max_lifetime: Option<Duration>,
+    keepalive: Keepalive,
+}
+
+impl Settings {
+    fn new(config: &Config) -> Settings {
+        let (balance, sessions) = (&config.balance, &config.sessions);
+        Settings {
+            limits: config.limits.clone(),
+            balancer: Balancer::new(balance.policy, balance.sticky_key.clone()),
             race_candidates: balance.race_candidates,
             race_delay: seconds(balance.race_delay_seconds),
             close_on_unhealthy: sessions.close_on_unhealthy,
@@ -91,20 +95,36 @@ impl Proxy {
                 ping_interval: optional_seconds(sessions.ping_interval_seconds),
                 idle_timeout: optional_seconds(sessions.idle_timeout_seconds),
             },
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(registry: Arc<Registry>, config: &Config, shutdown: watch::Receiver<bool>) -> Proxy {
+        let max_sessions = config.limits.max_sessions;
+        Proxy {
+            registry,
+            settings: ArcSwap::from_pointee(Settings::new(config)),
             stats: Stats::default(),
-            sessions: Arc::new(Semaphore::new(limits.max_sessions)),
-            limits,
+            max_sessions,
+            sessions: Arc::new(Semaphore::new(max_sessions)),
             shutdown,
             next_session_id: AtomicU64::new(1),
         }
     }
 
+    /// Take a reloaded config for sessions that start from now on. `limits.max_sessions`
+    /// keeps its first value: changing it needs a restart.
+    pub fn reconfigure(&self, config: &Config) {
+        self.settings.store(Arc::new(Settings::new(config)));
+    }
+
     pub fn active_sessions(&self) -> usize {
-        self.limits.max_sessions - self.sessions.available_permits()
+        self.max_sessions - self.sessions.available_permits()
     }
 
     pub fn max_sessions(&self) -> usize {
-        self.limits.max_sessions
+        self.max_sessions
     }
 
     fn shutting_down(&self) -> bool {
@@ -113,7 +133,7 @@ impl Proxy {
 
     /// Wait until every session (and every handshake in progress) has finished.
     pub async fn drained(&self) {
-        let all = u32::try_from(self.limits.max_sessions).unwrap_or(u32::MAX);
+        let all = u32::try_from(self.max_sessions).unwrap_or(u32::MAX);
         let _ = self.sessions.acquire_many(all).await;
     }
 
@@ -128,7 +148,9 @@ impl Proxy {
         });
         let result = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(seconds(self.limits.header_read_timeout_seconds))
+            .header_read_timeout(seconds(
+                self.settings.load().limits.header_read_timeout_seconds,
+            ))
             .max_header_size(MAX_REQUEST_HEAD_BYTES)
             .serve_connection(
                 TokioIo::new(stream),
@@ -191,7 +213,7 @@ impl Proxy {
             return unavailable("the router is shutting down");
         }
         let Ok(permit) = self.sessions.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = self.limits.max_sessions, "session limit reached");
+            tracing::warn!(%peer, max = self.max_sessions, "session limit reached");
             self.stats.reject(Rejection::SessionLimit);
             return unavailable("the router is at its session limit");
         };
@@ -200,10 +222,13 @@ impl Proxy {
         let (parts, _body) = req.into_parts();
         let accept = handshake::accept_key(parts.headers[header::SEC_WEBSOCKET_KEY].as_bytes());
 
-        let candidates: Result<Vec<Arc<Replica>>, NoCandidate> = self
-            .balancer
-            .candidates(&self.registry.snapshot(), self.balancer.session_key(&parts))
-            .map(|c| c.into_iter().map(|r| r.replica.clone()).collect());
+        let candidates: Result<Vec<Arc<Replica>>, NoCandidate> = {
+            let settings = self.settings.load();
+            let balancer = &settings.balancer;
+            balancer
+                .candidates(&self.registry.snapshot(), balancer.session_key(&parts))
+                .map(|c| c.into_iter().map(|r| r.replica.clone()).collect())
+        };
         let candidates = match candidates {
             Ok(candidates) => candidates,
             Err(reason) => {
@@ -280,13 +305,14 @@ impl Proxy {
         parts: Arc<Parts>,
         peer: SocketAddr,
     ) -> Joined {
-        let timeout = seconds(self.limits.connect_timeout_seconds);
+        let settings = self.settings.load_full();
+        let timeout = seconds(settings.limits.connect_timeout_seconds);
         let mut pending = candidates.into_iter();
         let mut attempts = JoinSet::new();
         let mut failures = Vec::new();
         let mut next_start = tokio::time::Instant::now();
         loop {
-            let may_start = attempts.len() < self.race_candidates && pending.len() > 0;
+            let may_start = attempts.len() < settings.race_candidates && pending.len() > 0;
             if may_start && (attempts.is_empty() || tokio::time::Instant::now() >= next_start) {
                 // Reserve before connecting so concurrent handshakes cannot overshoot capacity.
                 let Some((replica, slot)) = pending.by_ref().find_map(|replica| {
@@ -306,7 +332,7 @@ impl Proxy {
                         result,
                     }
                 });
-                next_start = tokio::time::Instant::now() + self.race_delay;
+                next_start = tokio::time::Instant::now() + settings.race_delay;
                 continue;
             }
             let Attempt {
@@ -341,7 +367,7 @@ impl Proxy {
                     replica.count_connect_failure();
                     // Passive health: a failed connect counts like a failed probe.
                     self.registry.observe(
-                        replica.index,
+                        &replica,
                         Observation::Failure {
                             error: error.to_string(),
                             latency: None,
@@ -390,14 +416,15 @@ impl Proxy {
             &mut read,
             &mut write,
             Role::Client,
-            self.limits.max_frame_bytes,
+            self.settings.load().limits.max_frame_bytes,
         );
         let order = CloseOrder {
             error_json: None,
             close: Some((code, reason.to_string())),
         };
         pump::write_order(&mut ws_write, order).await;
-        let deadline = tokio::time::Instant::now() + seconds(self.limits.close_timeout_seconds);
+        let deadline = tokio::time::Instant::now()
+            + seconds(self.settings.load().limits.close_timeout_seconds);
         pump::drain_until_close(&mut ws_read, deadline).await;
         let _ = write.shutdown().await;
     }
@@ -447,10 +474,11 @@ impl Proxy {
                 &mut read,
                 &mut write,
                 Role::Server,
-                self.limits.max_frame_bytes,
+                self.settings.load().limits.max_frame_bytes,
             );
             pump::write_order(&mut ws_write, order).await;
-            let deadline = tokio::time::Instant::now() + seconds(self.limits.close_timeout_seconds);
+            let deadline = tokio::time::Instant::now()
+                + seconds(self.settings.load().limits.close_timeout_seconds);
             pump::drain_until_close(&mut ws_read, deadline).await;
         }
         drop(permit);
@@ -461,8 +489,10 @@ impl Proxy {
     /// unhealthy (with `close_on_unhealthy`), or the session reaching its maximum lifetime.
     fn stop_signal(&self, replica: &Replica) -> impl std::future::Future<Output = Stop> {
         let mut shutdown = self.shutdown.clone();
-        let mut status = self.close_on_unhealthy.then(|| replica.watch_status());
-        let lifetime = self.max_lifetime;
+        let settings = self.settings.load();
+        let mut status = settings.close_on_unhealthy.then(|| replica.watch_status());
+        let lifetime = settings.max_lifetime;
+        drop(settings);
         async move {
             let unhealthy = async {
                 let turned = match status.as_mut() {
@@ -507,20 +537,21 @@ impl Proxy {
         let (upstream_read, upstream_write) = upstream.stream.into_split();
         let mut upstream_read = Prefixed::new(upstream.leftover, upstream_read);
         let mut upstream_write = Coalescing::new(upstream_write);
-        let max = self.limits.max_frame_bytes;
+        let settings = self.settings.load_full();
+        let max = settings.limits.max_frame_bytes;
         let end = {
             let (mut cr, mut cw) =
                 pump::split(&mut client_read, &mut client_write, Role::Server, max);
             let (mut ur, mut uw) =
                 pump::split(&mut upstream_read, &mut upstream_write, Role::Client, max);
-            let close_timeout = seconds(self.limits.close_timeout_seconds);
+            let close_timeout = seconds(settings.limits.close_timeout_seconds);
             pump::bridge(
                 &mut cr,
                 &mut cw,
                 &mut ur,
                 &mut uw,
                 close_timeout,
-                self.keepalive,
+                settings.keepalive,
                 self.stop_signal(&session.replica),
                 &self.stats.traffic,
             )

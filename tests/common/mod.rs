@@ -334,7 +334,7 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
 pub struct AlwaysHealthy;
 
 impl wsrouter::health::Probe for AlwaysHealthy {
-    fn probe(&self, _: &wsrouter::registry::Replica) -> wsrouter::health::ProbeFuture {
+    fn probe(&self, _: &wsrouter::registry::Replica, _: &str) -> wsrouter::health::ProbeFuture {
         Box::pin(async { Ok(()) })
     }
 }
