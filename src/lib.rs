@@ -15,4 +15,4 @@ pub mod registry;
 pub mod server;
 
 pub use config::Config;
-pub use server::{Drain, Router};
+pub use server::{Drain, Reloader, Router};

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use wsrouter::echo::EchoReplica;
@@ -82,7 +83,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime.block_on(run(config))
+            runtime.block_on(run(config, path))
         }
     }
 }
@@ -98,12 +99,16 @@ async fn bind(config: Config) -> Option<Router> {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
-    match bind(config).await {
-        Some(router) => serve(router).await,
-        None => ExitCode::from(1),
-    }
+async fn run(config: Config, path: PathBuf) -> ExitCode {
+    let Some(router) = bind(config).await else {
+        return ExitCode::from(1);
+    };
+    tokio::spawn(router.reloader().watch(path, CONFIG_POLL));
+    serve(router).await
 }
+
+/// How often the config file is checked for changes (SIGHUP reloads at once).
+const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 async fn serve(router: Router) -> ExitCode {
     tracing::info!(addr = %router.local_addr(), "wsrouter listening");

@@ -3,16 +3,17 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{seconds, Config};
+use crate::config::{seconds, Config, ConfigError};
 use crate::health::{self, HttpProbe, Probe};
 use crate::proxy::Proxy;
-use crate::registry::Registry;
+use crate::registry::{Changes, Registry};
 
 pub struct Router {
     listener: TcpListener,
@@ -63,6 +64,15 @@ impl Router {
         self.registry.clone()
     }
 
+    /// A handle that applies new configs to this router while it serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            registry: self.registry.clone(),
+            proxy: self.proxy.clone(),
+            running: Arc::new(Mutex::new(self.config.clone())),
+        }
+    }
+
     /// Serve until `shutdown` resolves; then stop accepting, send 1001 to both sides of every
     /// session, and return once they are closed or the drain timeout has passed.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
@@ -96,5 +106,80 @@ impl Router {
         };
         health.abort();
         drain
+    }
+}
+
+/// Applies reloaded configs to a running router: replicas, health checks, balancing, session
+/// settings and limits for new sessions. Live sessions are untouched; replicas whose url is
+/// unchanged keep their health state. The listen address and `limits.max_sessions` are fixed
+/// at start: a change to them is reported and needs a restart.
+#[derive(Clone)]
+pub struct Reloader {
+    registry: Arc<Registry>,
+    proxy: Arc<Proxy>,
+    running: Arc<Mutex<Config>>,
+}
+
+impl Reloader {
+    pub fn apply(&self, config: Config) -> Changes {
+        let mut running = self.running.lock().unwrap();
+        if config.listen != running.listen {
+            tracing::warn!("listen address changed in the config; it takes effect on restart");
+        }
+        if config.limits.max_sessions != running.limits.max_sessions {
+            tracing::warn!(
+                running = running.limits.max_sessions,
+                configured = config.limits.max_sessions,
+                "limits.max_sessions changed in the config; it takes effect on restart"
+            );
+        }
+        let changes = self.registry.reconfigure(&config);
+        self.proxy.reconfigure(&config);
+        tracing::info!(added = ?changes.added, removed = ?changes.removed, kept = changes.kept.len(), "config reloaded");
+        *running = config;
+        changes
+    }
+
+    /// Load `path` and apply it. An invalid file changes nothing: the running config stays.
+    pub fn reload_file(&self, path: &Path) -> Result<Changes, ConfigError> {
+        match Config::load(path) {
+            Ok(config) => Ok(self.apply(config)),
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "config reload rejected; the running config stays");
+                Err(error)
+            }
+        }
+    }
+
+    /// Reload on SIGHUP, and whenever the file's contents change (looked at every `poll`).
+    pub async fn watch(self, path: PathBuf, poll: Duration) {
+        let mut seen = std::fs::read(&path).ok();
+        #[cfg(unix)]
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let hangup = async {
+                match hangups.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hangup = std::future::pending::<Option<()>>();
+            let forced = tokio::select! {
+                _ = hangup => true,
+                () = tokio::time::sleep(poll) => false,
+            };
+            let contents = std::fs::read(&path).ok();
+            if forced || contents != seen {
+                if forced {
+                    tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
+                }
+                // Remembered even when invalid, so a bad file is reported once, not every poll.
+                seen = contents;
+                let _ = self.reload_file(&path);
+            }
+        }
     }
 }

@@ -1,0 +1,193 @@
+//! Hot reload: a valid new config is swapped in, health state kept for unchanged replicas,
+//! live sessions untouched; an invalid one changes nothing.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use fastwebsockets::{Frame, OpCode, Payload};
+use wsrouter::echo::EchoReplica;
+use wsrouter::registry::Status;
+use wsrouter::{Config, Router};
+
+fn config_text(replicas: &[(&EchoReplica, bool)], extra: &str) -> String {
+    let mut text = format!(
+        "[listen]\nhost = \"127.0.0.1\"\nport = 0\n[health_check]\ninterval_seconds = 0.05\n{extra}\n"
+    );
+    for (i, (replica, primary)) in replicas.iter().enumerate() {
+        text += &format!(
+            "[[replicas]]\nname = \"r{i}\"\nurl = \"{}\"\nprimary = {primary}\n",
+            replica.url()
+        );
+    }
+    text
+}
+
+struct Watched {
+    router: TestRouter,
+    reloader: wsrouter::Reloader,
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+/// A router started from a config file that it watches (polled every 20 ms).
+async fn watched(text: &str) -> Watched {
+    let dir = TempDir::new();
+    let path = dir.0.join("router.toml");
+    std::fs::write(&path, text).unwrap();
+    let router = Router::bind(Config::load(&path).unwrap()).await.unwrap();
+    let reloader = router.reloader();
+    tokio::spawn(
+        reloader
+            .clone()
+            .watch(path.clone(), Duration::from_millis(20)),
+    );
+    Watched {
+        reloader,
+        router: TestRouter::run(router),
+        path,
+        _dir: dir,
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wsrouter-reload-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn names(router: &TestRouter) -> Vec<String> {
+    router
+        .registry
+        .snapshot()
+        .replicas
+        .iter()
+        .map(|r| r.replica.name.clone())
+        .collect()
+}
+
+async fn echo_once(ws: &mut Client, text: &'static [u8]) {
+    ws.write_frame(Frame::text(Payload::Borrowed(text)))
+        .await
+        .unwrap();
+    let frame = read(ws).await;
+    assert_eq!((frame.opcode, &frame.payload[..]), (OpCode::Text, text));
+}
+
+#[tokio::test]
+async fn a_changed_file_is_applied_keeping_health_and_live_sessions() {
+    let (a, b) = (
+        EchoReplica::start().await.unwrap(),
+        EchoReplica::start().await.unwrap(),
+    );
+    let w = watched(&config_text(&[(&a, true)], "")).await;
+    w.router.wait_status(0, Status::Healthy).await;
+    let mut on_a = connect(w.router.addr).await;
+    assert_eq!(a.open_sessions(), 1);
+
+    // b becomes the primary; a stays, renamed by position ("r1").
+    std::fs::write(&w.path, config_text(&[(&b, true), (&a, false)], "")).unwrap();
+    until("the reload", || names(&w.router).len() == 2).await;
+    assert_eq!(
+        w.router.status_of(1),
+        Status::Healthy,
+        "a kept its health across the reload"
+    );
+    assert_eq!(
+        w.router.registry.snapshot().replicas[1]
+            .replica
+            .active_sessions(),
+        1
+    );
+    echo_once(&mut on_a, b"still on a").await;
+
+    w.router.wait_status(0, Status::Healthy).await;
+    let _on_b = connect(w.router.addr).await;
+    assert_eq!(
+        (a.open_sessions(), b.open_sessions()),
+        (1, 1),
+        "new sessions follow the new config"
+    );
+
+    // a removed from the config: its live session is untouched.
+    std::fs::write(&w.path, config_text(&[(&b, true)], "")).unwrap();
+    until("the second reload", || names(&w.router).len() == 1).await;
+    echo_once(
+        &mut on_a,
+        b"a is gone from the config, not from this session",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_file_changes_nothing_and_a_fixed_one_applies() {
+    let (a, b) = (
+        EchoReplica::start().await.unwrap(),
+        EchoReplica::start().await.unwrap(),
+    );
+    let w = watched(&config_text(&[(&a, true)], "")).await;
+    w.router.wait_status(0, Status::Healthy).await;
+
+    let mut broken = config_text(&[(&a, true), (&b, false)], "");
+    broken += "weight = 0\n";
+    std::fs::write(&w.path, &broken).unwrap();
+    // A reload of that file reports the precise error and changes nothing.
+    let error = w.reloader.reload_file(&w.path).unwrap_err().to_string();
+    assert!(error.contains("replicas[1].weight"), "{error}");
+    assert_eq!(names(&w.router), ["r0"]);
+    assert_eq!(w.router.status_of(0), Status::Healthy);
+    let mut ws = connect(w.router.addr).await;
+    echo_once(&mut ws, b"the old config still serves").await;
+
+    std::fs::write(&w.path, config_text(&[(&a, true), (&b, false)], "")).unwrap();
+    until("the fixed config", || names(&w.router).len() == 2).await;
+}
+
+#[tokio::test]
+async fn balance_and_session_settings_apply_to_new_sessions() {
+    let a = EchoReplica::start().await.unwrap();
+    let w = watched(&config_text(&[(&a, true)], "")).await;
+    w.router.wait_status(0, Status::Healthy).await;
+    let mut old = connect(w.router.addr).await;
+    std::fs::write(
+        &w.path,
+        config_text(&[(&a, true)], "[sessions]\nmax_lifetime_seconds = 0.2"),
+    )
+    .unwrap();
+    // The new lifetime reaches a new session; the old one keeps the settings it started with.
+    let mut new = bounded("a session under the new settings", async {
+        loop {
+            let mut ws = connect(w.router.addr).await;
+            ws.write_frame(Frame::text(Payload::Borrowed(b"x")))
+                .await
+                .unwrap();
+            let _echo = read(&mut ws).await;
+            let started = std::time::Instant::now();
+            let frame = tokio::time::timeout(Duration::from_millis(600), ws.read_frame()).await;
+            if let Ok(Ok(frame)) = frame {
+                if frame.opcode == OpCode::Text && started.elapsed() < Duration::from_millis(600) {
+                    return (ws, frame);
+                }
+            }
+        }
+    })
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&new.1.payload).unwrap();
+    assert_eq!(json["code"], "session_expired");
+    assert_eq!(close_code(&read(&mut new.0).await).0, 1012);
+    echo_once(&mut old, b"the old session has no lifetime").await;
+}
