@@ -80,14 +80,6 @@ fn names(router: &TestRouter) -> Vec<String> {
         .collect()
 }
 
-async fn echo_once(ws: &mut Client, text: &'static [u8]) {
-    ws.write_frame(Frame::text(Payload::Borrowed(text)))
-        .await
-        .unwrap();
-    let frame = read(ws).await;
-    assert_eq!((frame.opcode, &frame.payload[..]), (OpCode::Text, text));
-}
-
 #[tokio::test]
 async fn a_changed_file_is_applied_keeping_health_and_live_sessions() {
     let (a, b) = (

@@ -10,14 +10,6 @@ use fastwebsockets::{Frame, OpCode, Payload};
 use wsrouter::echo::EchoReplica;
 use wsrouter::registry::Status;
 
-async fn echo_once(ws: &mut Client, text: &'static [u8]) {
-    ws.write_frame(Frame::text(Payload::Borrowed(text)))
-        .await
-        .unwrap();
-    let frame = read(ws).await;
-    assert_eq!((frame.opcode, &frame.payload[..]), (OpCode::Text, text));
-}
-
 /// Read frames, answering the router's pings, until the close; returns what preceded it.
 async fn read_until_close(
     ws: &mut Client,
@@ -87,13 +79,7 @@ async fn without_close_on_unhealthy_sessions_stay() {
 
 #[tokio::test]
 async fn a_session_ends_at_its_maximum_lifetime_with_1012() {
-    let replica = EchoReplica::start().await.unwrap();
-    let router = TestRouter::start(config(
-        &[replica.url()],
-        "[sessions]\nmax_lifetime_seconds = 0.3",
-    ))
-    .await;
-    router.wait_status(0, Status::Healthy).await;
+    let (replica, router) = single_echo("[sessions]\nmax_lifetime_seconds = 0.3").await;
     let started = Instant::now();
     let mut ws = connect(router.addr).await;
     echo_once(&mut ws, b"hello").await;
@@ -108,13 +94,7 @@ async fn a_session_ends_at_its_maximum_lifetime_with_1012() {
 
 #[tokio::test]
 async fn an_idle_session_is_closed_but_a_busy_one_is_not() {
-    let replica = EchoReplica::start().await.unwrap();
-    let router = TestRouter::start(config(
-        &[replica.url()],
-        "[sessions]\nidle_timeout_seconds = 0.3",
-    ))
-    .await;
-    router.wait_status(0, Status::Healthy).await;
+    let (_replica, router) = single_echo("[sessions]\nidle_timeout_seconds = 0.3").await;
 
     let mut busy = connect(router.addr).await;
     let started = Instant::now();
@@ -155,13 +135,7 @@ async fn a_server_push_stream_is_not_idle() {
 
 #[tokio::test]
 async fn a_client_that_answers_pings_stays_and_its_pongs_are_not_forwarded() {
-    let replica = EchoReplica::start().await.unwrap();
-    let router = TestRouter::start(config(
-        &[replica.url()],
-        "[sessions]\nping_interval_seconds = 0.1",
-    ))
-    .await;
-    router.wait_status(0, Status::Healthy).await;
+    let (_replica, router) = single_echo("[sessions]\nping_interval_seconds = 0.1").await;
     let mut ws = connect(router.addr).await;
     let mut pings = 0;
     let started = Instant::now();
@@ -185,13 +159,7 @@ async fn a_client_that_answers_pings_stays_and_its_pongs_are_not_forwarded() {
 
 #[tokio::test]
 async fn a_client_that_ignores_pings_is_dropped_and_the_replica_told() {
-    let replica = EchoReplica::start().await.unwrap();
-    let router = TestRouter::start(config(
-        &[replica.url()],
-        "[sessions]\nping_interval_seconds = 0.1",
-    ))
-    .await;
-    router.wait_status(0, Status::Healthy).await;
+    let (replica, router) = single_echo("[sessions]\nping_interval_seconds = 0.1").await;
     let mut ws = connect(router.addr).await;
     let (before, code, reason) = read_until_close(&mut ws, false).await;
     assert!(

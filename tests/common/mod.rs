@@ -355,3 +355,20 @@ pub async fn start_always_healthy(urls: &[String], extra: &str) -> TestRouter {
     }
     router
 }
+
+/// Send one text frame and expect it echoed back unchanged.
+pub async fn echo_once(ws: &mut Client, text: &'static [u8]) {
+    ws.write_frame(Frame::text(fastwebsockets::Payload::Borrowed(text)))
+        .await
+        .unwrap();
+    let frame = read(ws).await;
+    assert_eq!((frame.opcode, &frame.payload[..]), (OpCode::Text, text));
+}
+
+/// One echo replica behind a router configured with `extra`, healthy and ready.
+pub async fn single_echo(extra: &str) -> (wsrouter::echo::EchoReplica, TestRouter) {
+    let replica = wsrouter::echo::EchoReplica::start().await.unwrap();
+    let router = TestRouter::start(config(&[replica.url()], extra)).await;
+    router.wait_status(0, Status::Healthy).await;
+    (replica, router)
+}
