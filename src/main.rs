@@ -100,6 +100,7 @@ async fn bind(config: Config) -> Option<Router> {
 }
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
+    // The SIGHUP handler is installed before the router answers its first request.
     let Some(router) = bind(config).await else {
         return ExitCode::from(1);
     };

@@ -152,11 +152,25 @@ impl Reloader {
     }
 
     /// Reload on SIGHUP, and whenever the file's contents change (looked at every `poll`).
-    pub async fn watch(self, path: PathBuf, poll: Duration) {
-        let mut seen = std::fs::read(&path).ok();
+    /// The SIGHUP handler is installed before this returns, so a signal sent once the router
+    /// listens cannot hit SIGHUP's default action (exit). Call it inside the runtime.
+    pub fn watch(self, path: PathBuf, poll: Duration) -> impl Future<Output = ()> {
+        let seen = std::fs::read(&path).ok();
         #[cfg(unix)]
-        let mut hangups =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        #[cfg(unix)]
+        return self.watch_loop(path, poll, seen, hangups);
+        #[cfg(not(unix))]
+        return self.watch_loop(path, poll, seen);
+    }
+
+    async fn watch_loop(
+        self,
+        path: PathBuf,
+        poll: Duration,
+        mut seen: Option<Vec<u8>>,
+        #[cfg(unix)] mut hangups: Option<tokio::signal::unix::Signal>,
+    ) {
         loop {
             #[cfg(unix)]
             let hangup = async {

@@ -116,10 +116,73 @@ async fn demo_serves_and_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
 }
 
-fn unsafe_sigterm(pid: u32) {
+/// A running router reloads its config file on SIGHUP (and does not die of it, which is
+/// SIGHUP's default action).
+#[tokio::test]
+async fn run_reloads_its_config_on_sighup() {
+    let port = common::dead_port();
+    let replica = |p: u16| format!("[[replicas]]\nurl = \"http://127.0.0.1:{p}\"\n");
+    let head = format!("[listen]\nhost = \"127.0.0.1\"\nport = {port}\n");
+    let path = write_config(
+        "sighup.toml",
+        &format!("{head}{}", replica(common::dead_port())),
+    );
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let replicas_listed = |status: &str| status.matches("\"url\"").count();
+    let status = common::bounded("the router to listen", async {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return common::raw_http(addr, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(replicas_listed(&status), 1, "{status}");
+
+    let two = format!(
+        "{head}{}{}",
+        replica(common::dead_port()),
+        replica(common::dead_port())
+    );
+    std::fs::write(&path, two).unwrap();
+    send_signal("-HUP", child.id());
+    common::bounded("the reload", async {
+        loop {
+            let status = common::raw_http(addr, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            if replicas_listed(&status) == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the router"
+    );
+    unsafe_sigterm(child.id());
+    let status = common::bounded("exit", tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+fn send_signal(signal: &str, pid: u32) {
     let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
+}
+
+fn unsafe_sigterm(pid: u32) {
+    send_signal("-TERM", pid);
 }
