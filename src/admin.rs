@@ -6,7 +6,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::proxy::stats::{Rejection, Stats, HISTOGRAM_BOUNDS};
 use crate::proxy::Body;
@@ -184,35 +184,25 @@ pub fn metrics(snapshot: &Snapshot, stats: &Stats, active_sessions: usize) -> Re
             "wsrouter_sessions_stopped_total{{reason=\"{why}\"}} {n}"
         );
     }
-    let directions = [
-        ("to_upstream", &stats.traffic.to_upstream),
-        ("to_client", &stats.traffic.to_client),
+    let (up, down) = (&stats.traffic.to_upstream, &stats.traffic.to_client);
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let per_direction = [
+        (
+            "wsrouter_frames_total",
+            "Frames forwarded, by direction.",
+            [load(&up.frames), load(&down.frames)],
+        ),
+        (
+            "wsrouter_frame_bytes_total",
+            "Payload bytes forwarded, by direction.",
+            [load(&up.bytes), load(&down.bytes)],
+        ),
     ];
-    family(
-        &mut out,
-        "wsrouter_frames_total",
-        "counter",
-        "Frames forwarded, by direction.",
-    );
-    for (direction, d) in directions {
-        let _ = writeln!(
-            out,
-            "wsrouter_frames_total{{direction=\"{direction}\"}} {}",
-            d.frames.load(Ordering::Relaxed)
-        );
-    }
-    family(
-        &mut out,
-        "wsrouter_frame_bytes_total",
-        "counter",
-        "Payload bytes forwarded, by direction.",
-    );
-    for (direction, d) in directions {
-        let _ = writeln!(
-            out,
-            "wsrouter_frame_bytes_total{{direction=\"{direction}\"}} {}",
-            d.bytes.load(Ordering::Relaxed)
-        );
+    for (name, help, values) in per_direction {
+        family(&mut out, name, "counter", help);
+        for (direction, value) in ["to_upstream", "to_client"].into_iter().zip(values) {
+            let _ = writeln!(out, "{name}{{direction=\"{direction}\"}} {value}");
+        }
     }
     let name = "wsrouter_upstream_handshake_seconds";
     family(

@@ -276,10 +276,8 @@ impl Registry {
         let mut replicas = Vec::with_capacity(config.replicas.len());
         let mut health = Vec::with_capacity(config.replicas.len());
         for (index, entry) in config.replicas.iter().enumerate() {
-            let url = config::parse_replica_url(&entry.url)
-                .expect("validated at load")
-                .url;
-            let known = members.replicas.iter().position(|r| r.url == url);
+            // Validation normalised the url, so equal strings mean the same replica.
+            let known = members.replicas.iter().position(|r| r.url == entry.url);
             let (live, state) = match known {
                 Some(i) => (members.replicas[i].live.clone(), members.health[i].clone()),
                 None => (

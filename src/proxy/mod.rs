@@ -412,20 +412,12 @@ impl Proxy {
         let (read, write) = upstream.stream.into_split();
         let mut read = Prefixed::new(upstream.leftover, read);
         let mut write = Coalescing::new(write);
-        let (mut ws_read, mut ws_write) = pump::split(
-            &mut read,
-            &mut write,
-            Role::Client,
-            self.settings.load().limits.max_frame_bytes,
-        );
         let order = CloseOrder {
             error_json: None,
             close: Some((code, reason.to_string())),
         };
-        pump::write_order(&mut ws_write, order).await;
-        let deadline = tokio::time::Instant::now()
-            + seconds(self.settings.load().limits.close_timeout_seconds);
-        pump::drain_until_close(&mut ws_read, deadline).await;
+        self.close_handshake(&mut read, &mut write, Role::Client, order)
+            .await;
         let _ = write.shutdown().await;
     }
 
@@ -469,20 +461,24 @@ impl Proxy {
             return;
         };
         let (mut read, mut write) = client.into_halves();
-        {
-            let (mut ws_read, mut ws_write) = pump::split(
-                &mut read,
-                &mut write,
-                Role::Server,
-                self.settings.load().limits.max_frame_bytes,
-            );
-            pump::write_order(&mut ws_write, order).await;
-            let deadline = tokio::time::Instant::now()
-                + seconds(self.settings.load().limits.close_timeout_seconds);
-            pump::drain_until_close(&mut ws_read, deadline).await;
-        }
+        self.close_handshake(&mut read, &mut write, Role::Server, order)
+            .await;
         drop(permit);
         finish_socket(read, write).await;
+    }
+
+    /// Send `order` on a WebSocket nobody forwards to, then wait (bounded) for the peer's Close.
+    async fn close_handshake<R, W>(&self, read: R, write: W, role: Role, order: CloseOrder)
+    where
+        R: AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let settings = self.settings.load_full();
+        let limits = &settings.limits;
+        let (mut ws_read, mut ws_write) = pump::split(read, write, role, limits.max_frame_bytes);
+        pump::write_order(&mut ws_write, order).await;
+        let deadline = tokio::time::Instant::now() + seconds(limits.close_timeout_seconds);
+        pump::drain_until_close(&mut ws_read, deadline).await;
     }
 
     /// Resolves when the router must end a session on `replica`: shutdown, the replica turning

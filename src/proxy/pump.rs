@@ -505,18 +505,19 @@ struct Liveness {
     pinged_at: Option<Instant>,
 }
 
+/// What a keepalive look found.
+enum Look {
+    /// The pumps (by the direction they write) that must send a ping; often none.
+    Ping(Vec<Direction>),
+    End(Stop),
+}
+
 /// Keepalive bookkeeping, run on a timer tick.
 struct Watch {
     config: Keepalive,
     forwarded_at: Instant,
     /// Indexed by the direction of the pump that reads the side: [client, replica].
     sides: [Liveness; 2],
-}
-
-enum Verdict {
-    Fine,
-    Ping(Direction),
-    Stop(Stop),
 }
 
 impl Watch {
@@ -543,7 +544,7 @@ impl Watch {
     }
 
     /// Take in what the pumps heard since the last look, then decide.
-    fn look(&mut self, heard: [&AtomicU8; 2], now: Instant) -> Vec<Verdict> {
+    fn look(&mut self, heard: [&AtomicU8; 2], now: Instant) -> Look {
         for (side, bits) in self.sides.iter_mut().zip(heard) {
             let bits = bits.swap(0, Ordering::Relaxed);
             if bits & heard::ANY != 0 {
@@ -556,13 +557,13 @@ impl Watch {
         }
         if let Some(idle) = self.config.idle_timeout {
             if now - self.forwarded_at >= idle {
-                return vec![Verdict::Stop(Stop::idle())];
+                return Look::End(Stop::idle());
             }
         }
         let Some(interval) = self.config.ping_interval else {
-            return vec![Verdict::Fine];
+            return Look::Ping(Vec::new());
         };
-        let mut verdicts = Vec::new();
+        let mut pings = Vec::new();
         for (side, direction) in self
             .sides
             .iter_mut()
@@ -570,21 +571,21 @@ impl Watch {
         {
             match side.pinged_at {
                 Some(pinged) if now - pinged >= interval => {
-                    return vec![Verdict::Stop(Stop::unresponsive(direction))];
+                    return Look::End(Stop::unresponsive(direction));
                 }
                 Some(_) => {}
                 None if now - side.heard_at >= interval => {
                     side.pinged_at = Some(now);
                     // The ping goes out through the pump that writes to that side.
-                    verdicts.push(Verdict::Ping(match direction {
+                    pings.push(match direction {
                         Direction::ToUpstream => Direction::ToClient,
                         Direction::ToClient => Direction::ToUpstream,
-                    }));
+                    });
                 }
                 None => {}
             }
         }
-        verdicts
+        Look::Ping(pings)
     }
 }
 
@@ -686,19 +687,16 @@ where
             }
             stop = &mut stop => break stop,
             _ = tick(&mut ticks) => {
-                let now = Instant::now();
-                let mut stop = None;
-                for verdict in watch.look([&heard_from_client, &heard_from_upstream], now) {
-                    match verdict {
-                        Verdict::Fine => {}
+                match watch.look([&heard_from_client, &heard_from_upstream], Instant::now()) {
+                    Look::Ping(pings) => for pump in pings {
+                        let inbox = match pump {
+                            Direction::ToClient => &order_down_tx,
+                            Direction::ToUpstream => &order_up_tx,
+                        };
                         // A full inbox means orders are already queued; a ping can wait a tick.
-                        Verdict::Ping(Direction::ToClient) => { let _ = order_down_tx.try_send(Order::Ping); }
-                        Verdict::Ping(Direction::ToUpstream) => { let _ = order_up_tx.try_send(Order::Ping); }
-                        Verdict::Stop(s) => stop = Some(s),
-                    }
-                }
-                if let Some(stop) = stop {
-                    break stop;
+                        let _ = inbox.try_send(Order::Ping);
+                    },
+                    Look::End(stop) => break stop,
                 }
             }
         }
