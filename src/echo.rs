@@ -212,9 +212,15 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     ws.set_max_message_size(64 << 20);
+    let mut text = FragmentedText::default();
     // auto_close answers Close with the same code; auto_pong answers pings.
     loop {
         let frame = ws.read_frame().await?;
+        if !text.accepts(frame.fin, frame.opcode, &frame.payload) {
+            ws.write_frame(Frame::close(1007, b"invalid UTF-8")).await?;
+            while ws.read_frame().await?.opcode != OpCode::Close {}
+            return Ok(());
+        }
         match frame.opcode {
             OpCode::Close => {
                 let code = match frame.payload.get(..2) {
@@ -241,5 +247,72 @@ where
                     .await?;
             }
         }
+    }
+}
+
+/// UTF-8 check of a fragmented text message, fragment by fragment, so the replica fails fast
+/// on invalid text while still echoing frames as they come (fastwebsockets checks only text
+/// frames that are whole messages).
+#[derive(Default)]
+struct FragmentedText {
+    in_message: bool,
+    /// The incomplete code point at the end of the previous fragment.
+    tail: Vec<u8>,
+}
+
+impl FragmentedText {
+    fn accepts(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) -> bool {
+        match opcode {
+            OpCode::Text if !fin => {
+                self.in_message = true;
+                self.tail.clear();
+            }
+            OpCode::Continuation if self.in_message => {}
+            _ => return true,
+        }
+        self.tail.extend_from_slice(payload);
+        let valid = match std::str::from_utf8(&self.tail) {
+            Ok(_) => {
+                self.tail.clear();
+                true
+            }
+            Err(e) if e.error_len().is_none() && !fin => {
+                self.tail.drain(..e.valid_up_to());
+                true
+            }
+            Err(_) => false,
+        };
+        if fin {
+            self.in_message = false;
+        }
+        valid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragmented_text_is_checked_across_fragment_boundaries() {
+        let euro = "€".as_bytes(); // three bytes
+        let mut check = FragmentedText::default();
+        assert!(check.accepts(false, OpCode::Text, &euro[..1]));
+        assert!(check.accepts(false, OpCode::Continuation, &euro[1..2]));
+        assert!(check.accepts(true, OpCode::Continuation, &euro[2..]));
+
+        let mut check = FragmentedText::default();
+        assert!(check.accepts(false, OpCode::Text, &euro[..2]));
+        assert!(!check.accepts(false, OpCode::Continuation, b"a"));
+
+        // A message may not end inside a code point.
+        let mut check = FragmentedText::default();
+        assert!(check.accepts(false, OpCode::Text, b"ok"));
+        assert!(!check.accepts(true, OpCode::Continuation, &euro[..2]));
+
+        // Binary continuations are not text.
+        let mut check = FragmentedText::default();
+        assert!(check.accepts(false, OpCode::Binary, &[0xff]));
+        assert!(check.accepts(true, OpCode::Continuation, &[0xff]));
     }
 }

@@ -2,6 +2,7 @@
 //! failover, and the session task that bridges client and replica.
 
 pub mod handshake;
+mod masking;
 pub mod pump;
 pub mod stats;
 mod writer;
@@ -536,8 +537,9 @@ impl Proxy {
         let settings = self.settings.load_full();
         let max = settings.limits.max_frame_bytes;
         let end = {
+            let mut client_frames = masking::RequireMask::new(&mut client_read);
             let (mut cr, mut cw) =
-                pump::split(&mut client_read, &mut client_write, Role::Server, max);
+                pump::split(&mut client_frames, &mut client_write, Role::Server, max);
             let (mut ur, mut uw) =
                 pump::split(&mut upstream_read, &mut upstream_write, Role::Client, max);
             let close_timeout = seconds(settings.limits.close_timeout_seconds);

@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::masking::is_unmasked_frame;
 use super::stats::{DirectionStats, Traffic};
 
 /// Which way a pump forwards.
@@ -42,6 +43,10 @@ pub enum Order {
     Ping,
     /// Stop forwarding: write this to the sink, then drain the source.
     Close(CloseOrder),
+    /// Keep forwarding until the source's own Close (or the close timeout), then write this
+    /// instead of that Close: the client that broke the protocol still gets what its replica
+    /// sent before the replica heard of it.
+    CloseAfterSource(CloseOrder),
 }
 
 /// Payload of the router's own pings; the matching pongs are answered to the router and
@@ -90,12 +95,32 @@ pub enum PumpEnd {
 /// The close code owed to a peer whose read failed with `error`, or `None` if it is gone.
 pub fn close_code_for(error: &WebSocketError) -> Option<u16> {
     match error {
+        WebSocketError::IoError(e) if is_unmasked_frame(e) => Some(1002),
         WebSocketError::UnexpectedEOF
         | WebSocketError::IoError(_)
         | WebSocketError::ConnectionClosed => None,
         WebSocketError::FrameTooLarge => Some(1009),
         WebSocketError::InvalidUTF8 => Some(1007),
         _ => Some(1002),
+    }
+}
+
+/// The protocol error in a Close frame's payload, if any: a lone byte, a code no endpoint may
+/// send, or a reason that is not UTF-8. Checked here because the pumps read with auto_close
+/// off, and a proxy must not pass a broken Close on.
+fn close_payload_error(payload: &[u8]) -> Option<WebSocketError> {
+    match payload {
+        [] => None,
+        [_] => Some(WebSocketError::InvalidCloseFrame),
+        [high, low, reason @ ..] => {
+            if !fastwebsockets::CloseCode::from(u16::from_be_bytes([*high, *low])).is_allowed() {
+                Some(WebSocketError::InvalidCloseCode)
+            } else if std::str::from_utf8(reason).is_err() {
+                Some(WebSocketError::InvalidUTF8)
+            } else {
+                None
+            }
+        }
     }
 }
 
@@ -257,6 +282,9 @@ where
     let stats = link.stats;
     let mut orders = Orders::new(&mut link.orders);
     let mut send = no_obligated_send;
+    // Set by [`Order::CloseAfterSource`]: what to write instead of the source's Close, and
+    // how long to wait for it.
+    let mut closing: Option<(CloseOrder, Instant)> = None;
     loop {
         // Between frames no read is in flight, so an order can be carried out here at no risk;
         // this is what stops a source that never pauses (a replica streaming non-stop).
@@ -272,6 +300,14 @@ where
                     drain_until_close(source, Instant::now() + close_timeout).await;
                     return PumpEnd::Ordered;
                 }
+                Order::CloseAfterSource(received) => {
+                    closing = Some((received, Instant::now() + close_timeout));
+                }
+            }
+        }
+        if let Some((_, deadline)) = &closing {
+            if Instant::now() >= *deadline {
+                return close_instead(sink, closing).await;
             }
         }
         // `read_frame` is not cancel-safe: the in-flight read stays pinned and is polled to
@@ -305,7 +341,13 @@ where
                                     let deadline = Instant::now() + close_timeout;
                                     break Step::Ordered(tokio::time::timeout_at(deadline, &mut read).await, deadline);
                                 }
+                                Order::CloseAfterSource(received) => {
+                                    closing = Some((received, Instant::now() + close_timeout));
+                                }
                             },
+                            _ = until(closing.as_ref().map(|(_, deadline)| *deadline)) => {
+                                return close_instead(sink, closing).await;
+                            }
                         }
                     }
                 }
@@ -321,14 +363,16 @@ where
             }
             Step::Ordered(_, _) => return PumpEnd::Ordered,
             Step::Read(Ok(frame)) => frame,
-            Step::Read(Err(error)) => {
-                write_order(sink, failure_notice(direction, &error)).await;
-                return PumpEnd::SourceFailed {
-                    owed_close: close_code_for(&error),
-                    error: error.to_string(),
-                };
-            }
+            Step::Read(Err(error)) => return source_failed(sink, direction, error, closing).await,
         };
+        if frame.opcode == OpCode::Close {
+            if let Some(error) = close_payload_error(&frame.payload) {
+                return source_failed(sink, direction, error, closing).await;
+            }
+            if closing.is_some() {
+                return close_instead(sink, closing).await;
+            }
+        }
 
         if frame.opcode == OpCode::Pong && &frame.payload[..] == KEEPALIVE_PAYLOAD {
             // The answer to the router's own ping: proof of life, nothing to forward.
@@ -354,6 +398,44 @@ where
             }
             return PumpEnd::SourceClosed;
         }
+    }
+}
+
+/// The source failed: tell the sink's peer why (or what it was promised, when the session
+/// was already closing).
+async fn source_failed<W: AsyncWrite + Unpin>(
+    sink: &mut WebSocketWrite<W>,
+    direction: Direction,
+    error: WebSocketError,
+    closing: Option<(CloseOrder, Instant)>,
+) -> PumpEnd {
+    let notice = match closing {
+        Some((order, _)) => order,
+        None => failure_notice(direction, &error),
+    };
+    write_order(sink, notice).await;
+    PumpEnd::SourceFailed {
+        owed_close: close_code_for(&error),
+        error: error.to_string(),
+    }
+}
+
+/// End a [`Order::CloseAfterSource`]: write the promised close to the sink.
+async fn close_instead<W: AsyncWrite + Unpin>(
+    sink: &mut WebSocketWrite<W>,
+    closing: Option<(CloseOrder, Instant)>,
+) -> PumpEnd {
+    if let Some((order, _)) = closing {
+        write_order(sink, order).await;
+    }
+    PumpEnd::Ordered
+}
+
+/// Sleep until `deadline`; forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -650,10 +732,16 @@ where
                 // The client side stopped: tell the client (through the down pump) what it is owed.
                 let order = match &end {
                     PumpEnd::SourceClosed => None,
-                    PumpEnd::SourceFailed { owed_close, .. } => Some(CloseOrder {
-                        error_json: None,
-                        close: owed_close.map(|code| (code, "protocol error".to_string())),
-                    }),
+                    // A client that broke the protocol first gets what its replica already sent
+                    // (the replica was just told 1001), then its close code.
+                    PumpEnd::SourceFailed { owed_close: Some(code), .. } => {
+                        let _ = order_down_tx.try_send(Order::CloseAfterSource(CloseOrder {
+                            error_json: None,
+                            close: Some((*code, "protocol error".into())),
+                        }));
+                        None
+                    }
+                    PumpEnd::SourceFailed { owed_close: None, .. } => Some(CloseOrder::default()),
                     PumpEnd::SinkFailed(error) => Some(CloseOrder {
                         error_json: Some(error_json("worker_failed", &format!("the connection to the worker failed: {error}"))),
                         close: Some((1011, "worker_failed".into())),

@@ -372,3 +372,66 @@ pub async fn single_echo(extra: &str) -> (wsrouter::echo::EchoReplica, TestRoute
     router.wait_status(0, Status::Healthy).await;
     (replica, router)
 }
+
+/// A WebSocket client on a bare TCP stream, for frames no conforming client would send.
+pub async fn raw_upgrade(addr: SocketAddr) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // Byte by byte, so nothing past the response head is consumed.
+    let mut head = Vec::new();
+    bounded("101 response", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.expect("response head"));
+        }
+    })
+    .await;
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// A client frame as raw bytes: FIN plus `first_byte_flags` (opcode, RSV bits), masked with a
+/// fixed key unless `masked` is false.
+pub fn raw_frame(first_byte: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![first_byte];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        len @ 0..=125 => frame.push(mask_bit | len as u8),
+        len => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+    }
+    if masked {
+        frame.extend_from_slice(&KEY);
+        frame.extend(payload.iter().zip(KEY.iter().cycle()).map(|(b, k)| b ^ k));
+    } else {
+        frame.extend_from_slice(payload);
+    }
+    frame
+}
+
+/// Read one unmasked server frame from a raw stream: (first byte, payload); `None` at EOF.
+pub async fn read_raw_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    bounded("a raw frame", async {
+        let first = stream.read_u8().await.ok()?;
+        let len = match stream.read_u8().await.ok()? & 0x7f {
+            126 => u64::from(stream.read_u16().await.ok()?),
+            127 => stream.read_u64().await.ok()?,
+            len => u64::from(len),
+        };
+        let mut payload = vec![0; len as usize];
+        stream.read_exact(&mut payload).await.ok()?;
+        Some((first, payload))
+    })
+    .await
+}

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Autobahn TestSuite conformance: the fuzzing client runs every case against the echo replica
+# directly and through wsrouter; each case's result through the router must equal the direct
+# one, and no case may fail.
+#
+#   load-tests/autobahn.sh                 # quick set: all but 9.* (performance) and 12.*/13.* (compression)
+#   CASES=full load-tests/autobahn.sh      # every case (about a minute more)
+#   PROFILE=debug load-tests/autobahn.sh   # use debug builds (what CI does; the quick set does not need speed)
+#
+# Needs Python 2.7 (autobahntestsuite is Python 2 only): $PYTHON2, else pyenv's 2.7, else
+# python2.7 on PATH. The suite is installed once, pinned, into target/autobahn/env.
+# Reports: target/autobahn/report/index.html. Bounded: the fuzzing client gets at most
+# $MAX_SECONDS (default 900) and every process started here is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CASES=${CASES:-quick}
+PROFILE=${PROFILE:-release}
+MAX_SECONDS=${MAX_SECONDS:-900}
+WORK=$ROOT/target/autobahn
+
+python2=${PYTHON2:-}
+if [[ -z $python2 ]]; then
+    for candidate in "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/2.7*/bin/python "$(command -v python2.7 || true)"; do
+        if [[ -x $candidate ]]; then python2=$candidate; break; fi
+    done
+fi
+if [[ -z $python2 ]]; then
+    echo "autobahn.sh: Python 2.7 not found (set PYTHON2=/path/to/python2.7)" >&2
+    exit 2
+fi
+
+env_dir=$WORK/env
+if [[ ! -x $env_dir/bin/wstest ]]; then
+    echo "autobahn.sh: installing autobahntestsuite with $python2 into $env_dir"
+    rm -rf "$env_dir" "$WORK/virtualenv"
+    # virtualenv goes into a private folder, not the user's site-packages.
+    "$python2" -m pip install --quiet --disable-pip-version-check --target "$WORK/virtualenv" 'virtualenv<20.16'
+    PYTHONPATH=$WORK/virtualenv "$python2" -m virtualenv --quiet "$env_dir"
+    "$env_dir/bin/pip" install --quiet --disable-pip-version-check -r load-tests/autobahn/requirements.txt
+fi
+
+if [[ $PROFILE == release ]]; then
+    cargo build --release --quiet --bin wsrouter -p wsrouter -p wsload
+else
+    cargo build --quiet --bin wsrouter --bin wsload -p wsrouter -p wsload
+fi
+bin=$ROOT/target/$PROFILE
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+replica_port=$(free_port)
+router_port=$(free_port)
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+mkdir -p "$WORK"
+"$bin/wsload" replica --port "$replica_port" --max-seconds "$((MAX_SECONDS + 120))" 2> "$WORK/replica.log" &
+pids+=($!)
+cat > "$WORK/router.toml" <<TOML
+[listen]
+host = "127.0.0.1"
+port = $router_port
+
+[health_check]
+interval_seconds = 0.5
+
+[limits]
+max_frame_bytes = 67108864   # the suite's largest frames (9.*) are 16 MiB
+
+[[replicas]]
+url = "http://127.0.0.1:$replica_port"
+primary = true
+TOML
+RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router.toml" 2> "$WORK/router.log" &
+pids+=($!)
+
+# The replica must be healthy in the router's eyes before the first case.
+python3 - "$router_port" <<'PY' || { echo "autobahn.sh: the router never saw its replica healthy" >&2; cat "$WORK/router.log" >&2; exit 1; }
+import json, sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/status"
+for _ in range(100):
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            if all(r["status"] == "healthy" for r in json.load(response)["replicas"]):
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit(1)
+PY
+
+case $CASES in
+    quick) cases='["*"]'; exclude='["9.*", "12.*", "13.*"]' ;;
+    full) cases='["*"]'; exclude='[]' ;;
+    *) echo "autobahn.sh: CASES must be quick or full" >&2; exit 2 ;;
+esac
+rm -rf "$WORK/report"
+cat > "$WORK/fuzzingclient.json" <<JSON
+{
+  "outdir": "$WORK/report",
+  "servers": [
+    {"agent": "direct", "url": "ws://127.0.0.1:$replica_port/v1/stream"},
+    {"agent": "wsrouter", "url": "ws://127.0.0.1:$router_port/v1/stream"}
+  ],
+  "cases": $cases,
+  "exclude-cases": $exclude,
+  "exclude-agent-cases": {}
+}
+JSON
+echo "autobahn.sh: $CASES case set, direct ws://127.0.0.1:$replica_port and wsrouter ws://127.0.0.1:$router_port"
+started=$SECONDS
+(cd "$WORK" && timeout "$MAX_SECONDS" "$env_dir/bin/wstest" -m fuzzingclient -s fuzzingclient.json > "$WORK/wstest.log" 2>&1) \
+    || { echo "autobahn.sh: wstest failed or timed out; see $WORK/wstest.log" >&2; tail -20 "$WORK/wstest.log" >&2; exit 1; }
+echo "autobahn.sh: suite ran in $((SECONDS - started)) s"
+python3 load-tests/autobahn/compare.py "$WORK/report/index.json"

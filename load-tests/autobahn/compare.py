@@ -1,0 +1,53 @@
+"""Compare Autobahn fuzzing-client results: wsrouter against the direct connection.
+
+Exit 1 if any case failed for either agent, or if any case's result (behaviour and close
+behaviour) through wsrouter differs from the direct one. Prints the counts per agent and the
+time the performance cases (9.*) took, when they ran.
+"""
+
+import collections
+import json
+import sys
+
+PASSING = {"OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED"}
+
+
+def main(path):
+    with open(path) as f:
+        index = json.load(f)
+    direct, router = index["direct"], index["wsrouter"]
+    problems = []
+    for agent, cases in (("direct", direct), ("wsrouter", router)):
+        counts = collections.Counter(case["behavior"] for case in cases.values())
+        print(f"{agent:9} {len(cases)} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        for case_id, case in cases.items():
+            # `behavior` is the case's verdict; `behaviorClose` alone may read FAILED where the
+            # case expects the connection to be failed.
+            if case["behavior"] not in PASSING:
+                problems.append(f"{agent} {case_id}: {case['behavior']}")
+    for case_id in sorted(set(direct) | set(router), key=case_key):
+        if case_id not in direct or case_id not in router:
+            problems.append(f"{case_id}: ran for one agent only")
+            continue
+        want = (direct[case_id]["behavior"], direct[case_id]["behaviorClose"])
+        got = (router[case_id]["behavior"], router[case_id]["behaviorClose"])
+        if want != got:
+            problems.append(f"{case_id}: direct {want}, wsrouter {got}")
+    perf = [c for c in direct if c.startswith("9.")]
+    if perf:
+        took = {a: sum(index[a][c]["duration"] for c in perf) for a in ("direct", "wsrouter")}
+        print(f"9.* performance cases: direct {took['direct']} ms, wsrouter {took['wsrouter']} ms "
+              f"({took['wsrouter'] / max(took['direct'], 1):.2f}x)")
+    if problems:
+        print("\n".join(["MISMATCH or FAILED:"] + problems))
+        return 1
+    print("every case through wsrouter matches direct, 0 failed")
+    return 0
+
+
+def case_key(case_id):
+    return tuple(int(part) for part in case_id.split("."))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
