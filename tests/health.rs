@@ -94,6 +94,39 @@ impl Probe for SlowProbe {
 }
 
 #[tokio::test]
+async fn a_flapping_replica_changes_status_only_after_consecutive_results() {
+    let replica = EchoReplica::start().await.unwrap();
+    let text = format!(
+        "[health_check]\nfailure_threshold = 2\nrecovery_threshold = 2\n{}",
+        replicas_toml(&[replica.url()], false)
+    );
+    let registry = Registry::new(&wsrouter::Config::parse(&text).unwrap());
+    let probe = HttpProbe::new();
+    let mut seen = Vec::new();
+    // Each probe answers the next status of the pattern.
+    let pattern = [
+        200, 200, // healthy (an unknown replica needs one success)
+        500, 200, 500, 200, 500, 200, // flapping: stays healthy
+        500, 500, // unhealthy
+        200, 500, 200, 500, // flapping: stays unhealthy
+        200, 200, // healthy again
+    ];
+    for status in pattern {
+        replica.set_health_status(status);
+        run_cycle(&registry, &probe).await;
+        seen.push(registry.snapshot().replicas[0].health.status);
+    }
+    use Status::*;
+    assert_eq!(
+        seen,
+        [
+            Healthy, Healthy, Healthy, Healthy, Healthy, Healthy, Healthy, Healthy, Healthy,
+            Unhealthy, Unhealthy, Unhealthy, Unhealthy, Unhealthy, Unhealthy, Healthy
+        ]
+    );
+}
+
+#[tokio::test]
 async fn all_replicas_are_probed_in_parallel_and_published_together() {
     let urls: Vec<String> = (0..8)
         .map(|i| format!("http://127.0.0.1:{}", 10_000 + i))

@@ -444,6 +444,24 @@ async fn replica_with_a_wrong_accept_key_is_skipped_for_the_next() {
 }
 
 #[tokio::test]
+async fn a_replica_dying_during_the_handshake_is_skipped_for_the_next() {
+    let dying = raw_replica(RawMode::Hangup).await;
+    let good = EchoReplica::start().await.unwrap();
+    let router = start_always_healthy(&[format!("http://{dying}"), good.url()], "").await;
+    let started = Instant::now();
+    let mut ws = connect(router.addr).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "joined after {:?}",
+        started.elapsed()
+    );
+    echo_once(&mut ws, b"joined the next").await;
+    assert!(good.last_request().is_some());
+    let health = router.registry.snapshot().replicas[0].health.clone();
+    assert_eq!(health.consecutive_failures, 1, "{health:?}");
+}
+
+#[tokio::test]
 async fn a_4xx_from_the_replica_is_relayed_and_not_held_against_it() {
     let strict = raw_replica(RawMode::Status(403)).await;
     let router = start_always_healthy(&[format!("http://{strict}")], "").await;

@@ -251,6 +251,8 @@ pub enum RawMode {
     Status(u16),
     /// Read the request and never answer (a hung worker).
     Silent,
+    /// Read the request, then close the connection (a worker dying during the handshake).
+    Hangup,
     /// Complete the handshake, then read everything and never write (not even pongs).
     Mute,
 }
@@ -281,12 +283,16 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                     })
                     .unwrap_or_default();
                 let accept = wsrouter::proxy::handshake::accept_key(key.as_bytes());
-                if let RawMode::Silent = mode {
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    return;
+                match mode {
+                    RawMode::Silent => {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        return;
+                    }
+                    RawMode::Hangup => return,
+                    _ => {}
                 }
                 let response = match mode {
-                    RawMode::Silent => unreachable!(),
+                    RawMode::Silent | RawMode::Hangup => unreachable!(),
                     RawMode::Status(code) => format!("HTTP/1.1 {code} Nope\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
                     RawMode::WrongAccept => "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n".to_string(),
                     RawMode::Stream | RawMode::Mute => format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"),
