@@ -672,7 +672,14 @@ async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: Coalescing<
     let _ = tokio::time::timeout(Duration::from_secs(2), linger).await;
 }
 
-/// A read half that first yields bytes read ahead during the HTTP handshake.
+/// The most one socket read may bring in. fastwebsockets reads into all the spare room of
+/// its buffer and doubles the buffer whenever the bytes read ahead outgrow what was consumed,
+/// so a fast peer after a pause (a slow consumer catching up) could grow it by tens of MiB
+/// per session. Capped reads keep it near the largest frame.
+const MAX_READ_BYTES: usize = 64 * 1024;
+
+/// A read half that first yields bytes read ahead during the HTTP handshake, and reads at
+/// most [`MAX_READ_BYTES`] at a time.
 pub struct Prefixed<R> {
     prefix: Bytes,
     inner: R,
@@ -705,6 +712,21 @@ impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if buf.remaining() <= MAX_READ_BYTES {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let mut capped = buf.take(MAX_READ_BYTES);
+        let start = capped.filled().as_ptr();
+        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut capped))?;
+        assert_eq!(
+            start,
+            capped.filled().as_ptr(),
+            "the reader swapped buffers"
+        );
+        let n = capped.filled().len();
+        // SAFETY: the first `n` bytes of `buf`'s unfilled part were just filled by the read.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
