@@ -77,19 +77,7 @@ RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router.toml" 2> "$WORK/ro
 pids+=($!)
 
 # The replica must be healthy in the router's eyes before the first case.
-python3 - "$router_port" <<'PY' || { echo "autobahn.sh: the router never saw its replica healthy" >&2; cat "$WORK/router.log" >&2; exit 1; }
-import json, sys, time, urllib.request
-url = f"http://127.0.0.1:{sys.argv[1]}/status"
-for _ in range(100):
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            if all(r["status"] == "healthy" for r in json.load(response)["replicas"]):
-                sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.1)
-sys.exit(1)
-PY
+python3 load-tests/wait_healthy.py "$router_port" || { cat "$WORK/router.log" >&2; exit 1; }
 
 case $CASES in
     quick) cases='["*"]'; exclude='["9.*", "12.*", "13.*"]' ;;

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Scale: hold SESSIONS (default 10,000) idle WebSocket sessions through wsrouter for HOLD
+# seconds (default 60), then check every one still echoes; prints the router's RSS per
+# session. Fails if any session could not be opened or died during the hold.
+#
+#   load-tests/idle_scale.sh
+#   SESSIONS=2000 HOLD=5 PROFILE=debug load-tests/idle_scale.sh
+#
+# A proxied session costs the router two file descriptors. The script raises the open-file
+# limit to the hard limit; when that cannot hold SESSIONS, it holds as many as fit and says so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SESSIONS=${SESSIONS:-10000}
+HOLD=${HOLD:-60}
+PROFILE=${PROFILE:-release}
+WORK=$ROOT/target/idle-scale
+mkdir -p "$WORK"
+
+ulimit -n "$(ulimit -Hn)"
+limit=$(ulimit -n)
+# Router: two descriptors per session plus listener, health probes, stdio and slack.
+fit=$(( (limit - 64) / 2 ))
+if (( SESSIONS > fit )); then
+    echo "idle_scale.sh: open-file limit is $limit (hard limit; raising it needs CAP_SYS_RESOURCE): holding $fit sessions instead of $SESSIONS"
+    SESSIONS=$fit
+else
+    echo "idle_scale.sh: open-file limit $limit"
+fi
+
+if [[ $PROFILE == release ]]; then
+    cargo build --release --quiet -p wsrouter -p wsload --bin wsrouter --bin wsload
+else
+    cargo build --quiet -p wsrouter -p wsload --bin wsrouter --bin wsload
+fi
+bin=$ROOT/target/$PROFILE
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+replica_port=$(free_port)
+router_port=$(free_port)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+"$bin/wsload" replica --port "$replica_port" --max-seconds "$((HOLD + 600))" 2> "$WORK/replica.log" &
+pids+=($!)
+cat > "$WORK/router.toml" <<TOML
+[listen]
+host = "127.0.0.1"
+port = $router_port
+
+[health_check]
+interval_seconds = 1.0
+
+[limits]
+max_sessions = $SESSIONS
+
+[[replicas]]
+url = "http://127.0.0.1:$replica_port"
+primary = true
+TOML
+RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router.toml" 2> "$WORK/router.log" &
+router_pid=$!
+pids+=($router_pid)
+python3 load-tests/wait_healthy.py "$router_port" || { cat "$WORK/router.log" >&2; exit 1; }
+
+echo "idle_scale.sh: opening $SESSIONS sessions through wsrouter (pid $router_pid), holding them ${HOLD} s"
+"$bin/wsload" idle --url "ws://127.0.0.1:$router_port/v1/stream" --label wsrouter \
+    --connections "$SESSIONS" --hold "$HOLD" --pid "$router_pid" | tee "$WORK/result.json"
+python3 - "$WORK/result.json" "$SESSIONS" <<'PY'
+import json, sys
+result = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+wanted = int(sys.argv[2])
+print(f"held {result['held']} of {wanted}, open errors {result['open_errors']}, "
+      f"dead after the hold {result['dead_after_hold']}, "
+      f"router RSS {result['rss_before_bytes'] >> 10} KiB -> {result['rss_during_bytes'] >> 10} KiB, "
+      f"{result['rss_per_session_bytes'] / 1024:.1f} KiB per session")
+ok = result["held"] == wanted and result["open_errors"] == 0 and result["dead_after_hold"] == 0
+sys.exit(0 if ok else 1)
+PY
