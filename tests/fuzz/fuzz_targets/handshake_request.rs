@@ -1,0 +1,79 @@
+//! The client handshake path: bytes parsed as an HTTP request head (as hyper would), then the
+//! router's upgrade check, the sticky-key lookups and the upstream request it would send.
+//! Nothing panics, and the upstream request always is a clean WebSocket upgrade to the replica.
+
+#![no_main]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::Request;
+use libfuzzer_sys::fuzz_target;
+use wsrouter::balance::Balancer;
+use wsrouter::config::{Policy, StickyKey};
+use wsrouter::proxy::handshake::{check_client_request, upstream_request};
+use wsrouter::registry::{Registry, Replica};
+
+fn replica() -> &'static Arc<Replica> {
+    static REPLICA: OnceLock<Arc<Replica>> = OnceLock::new();
+    REPLICA.get_or_init(|| {
+        let config = wsrouter::Config::parse(
+            "[[replicas]]\nurl = \"http://127.0.0.1:8001\"\nprimary = true\n",
+        )
+        .expect("fixed config");
+        Registry::new(&config).replicas().remove(0)
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(_)) = parsed.parse(data) else {
+        return;
+    };
+    let mut builder = Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"));
+    for h in parsed.headers.iter() {
+        // hyper refuses heads with invalid names or values before the router sees them.
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return;
+        };
+        builder = builder.header(name, value);
+    }
+    let Ok(request) = builder.body(()) else {
+        return;
+    };
+    if check_client_request(&request).is_err() {
+        return;
+    }
+    let (parts, ()) = request.into_parts();
+    for sticky in [
+        StickyKey::Query("session".into()),
+        StickyKey::Header("x-session".into()),
+        StickyKey::Cookie("session".into()),
+    ] {
+        let balancer = Balancer::new(Policy::Failover, Some(sticky));
+        if let Some(key) = balancer.session_key(&parts) {
+            assert!(!key.is_empty());
+        }
+    }
+    let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let replica = replica();
+    let upstream = upstream_request(&parts, client, replica, "dGhlIHNhbXBsZSBub25jZQ==");
+    let h = upstream.headers();
+    assert_eq!(h.get(header::HOST).unwrap(), replica.authority.as_str());
+    assert_eq!(h.get_all(header::UPGRADE).iter().count(), 1);
+    assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+    assert_eq!(h.get_all(header::CONNECTION).iter().count(), 1);
+    assert_eq!(h.get(header::SEC_WEBSOCKET_VERSION).unwrap(), "13");
+    assert_eq!(h.get_all(header::SEC_WEBSOCKET_KEY).iter().count(), 1);
+    assert!(!h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS), "extensions are never offered upstream");
+    let forwarded = h.get("x-forwarded-for").unwrap().to_str().unwrap();
+    assert!(forwarded.ends_with("127.0.0.1"), "{forwarded}");
+    assert!(upstream.uri().path().starts_with('/'));
+});
