@@ -40,44 +40,13 @@ if [[ ! -x $env_dir/bin/wstest ]]; then
     "$env_dir/bin/pip" install --quiet --disable-pip-version-check -r load-tests/autobahn/requirements.txt
 fi
 
-if [[ $PROFILE == release ]]; then
-    cargo build --release --quiet --bin wsrouter -p wsrouter -p wsload
-else
-    cargo build --quiet --bin wsrouter --bin wsload -p wsrouter -p wsload
-fi
-bin=$ROOT/target/$PROFILE
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source load-tests/fleet.sh
+fleet_build
 replica_port=$(free_port)
 router_port=$(free_port)
-
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-mkdir -p "$WORK"
-"$bin/wsload" replica --port "$replica_port" --max-seconds "$((MAX_SECONDS + 120))" 2> "$WORK/replica.log" &
-pids+=($!)
-cat > "$WORK/router.toml" <<TOML
-[listen]
-host = "127.0.0.1"
-port = $router_port
-
-[health_check]
-interval_seconds = 0.5
-
-[limits]
-max_frame_bytes = 67108864   # the suite's largest frames (9.*) are 16 MiB
-
-[[replicas]]
-url = "http://127.0.0.1:$replica_port"
-primary = true
-TOML
-RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router.toml" 2> "$WORK/router.log" &
-pids+=($!)
-
-# The replica must be healthy in the router's eyes before the first case.
-python3 load-tests/wait_healthy.py "$router_port" || { cat "$WORK/router.log" >&2; exit 1; }
+fleet_replica "$replica_port" "$((MAX_SECONDS + 120))"
+# The suite's largest frames (9.*) are 16 MiB.
+fleet_router "$router_port" $'[limits]\nmax_frame_bytes = 67108864' "$replica_port"
 
 case $CASES in
     quick) cases='["*"]'; exclude='["9.*", "12.*", "13.*"]' ;;

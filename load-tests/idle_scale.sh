@@ -15,7 +15,6 @@ SESSIONS=${SESSIONS:-10000}
 HOLD=${HOLD:-60}
 PROFILE=${PROFILE:-release}
 WORK=$ROOT/target/idle-scale
-mkdir -p "$WORK"
 
 ulimit -n "$(ulimit -Hn)"
 limit=$(ulimit -n)
@@ -28,41 +27,12 @@ else
     echo "idle_scale.sh: open-file limit $limit"
 fi
 
-if [[ $PROFILE == release ]]; then
-    cargo build --release --quiet -p wsrouter -p wsload --bin wsrouter --bin wsload
-else
-    cargo build --quiet -p wsrouter -p wsload --bin wsrouter --bin wsload
-fi
-bin=$ROOT/target/$PROFILE
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source load-tests/fleet.sh
+fleet_build
 replica_port=$(free_port)
 router_port=$(free_port)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-"$bin/wsload" replica --port "$replica_port" --max-seconds "$((HOLD + 600))" 2> "$WORK/replica.log" &
-pids+=($!)
-cat > "$WORK/router.toml" <<TOML
-[listen]
-host = "127.0.0.1"
-port = $router_port
-
-[health_check]
-interval_seconds = 1.0
-
-[limits]
-max_sessions = $SESSIONS
-
-[[replicas]]
-url = "http://127.0.0.1:$replica_port"
-primary = true
-TOML
-RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router.toml" 2> "$WORK/router.log" &
-router_pid=$!
-pids+=($router_pid)
-python3 load-tests/wait_healthy.py "$router_port" || { cat "$WORK/router.log" >&2; exit 1; }
+fleet_replica "$replica_port" "$((HOLD + 600))"
+fleet_router "$router_port" "[limits]"$'\n'"max_sessions = $SESSIONS" "$replica_port"
 
 echo "idle_scale.sh: opening $SESSIONS sessions through wsrouter (pid $router_pid), holding them ${HOLD} s"
 "$bin/wsload" idle --url "ws://127.0.0.1:$router_port/v1/stream" --label wsrouter \

@@ -15,49 +15,20 @@ ROOT=$PWD
 DURATION=${DURATION:-1800}
 CYCLE=${CYCLE:-60}
 RATE=${RATE:-20000}
-WORK=$ROOT/target/soak
-mkdir -p "$WORK"
-: > "$WORK/rounds.jsonl"
+WORK=${WORK:-$ROOT/target/soak}
 
-cargo build --release --quiet -p wsrouter -p wsload --bin wsrouter --bin wsload
-bin=$ROOT/target/release
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PROFILE=release
+source load-tests/fleet.sh
+fleet_build
 primary_port=$(free_port)
 secondary_port=$(free_port)
 router_port=$(free_port)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-for port in "$primary_port" "$secondary_port"; do
-    "$bin/wsload" replica --port "$port" --max-seconds "$((DURATION + 300))" 2>> "$WORK/replicas.log" &
-    pids+=($!)
-done
-cat > "$WORK/router.toml" <<TOML
-[listen]
-host = "127.0.0.1"
-port = $router_port
-
-[health_check]
-interval_seconds = 1.0
-
-[balance]
-policy = "least_sessions"
-
-[[replicas]]
-url = "http://127.0.0.1:$primary_port"
-primary = true
-
-[[replicas]]
-url = "http://127.0.0.1:$secondary_port"
-TOML
-RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router.toml" 2> "$WORK/router.log" &
-router_pid=$!
-pids+=($router_pid)
-python3 load-tests/wait_healthy.py "$router_port" || { cat "$WORK/router.log" >&2; exit 1; }
+fleet_replica "$primary_port" "$((DURATION + 300))"
+fleet_replica "$secondary_port" "$((DURATION + 300))"
+fleet_router "$router_port" $'[balance]\npolicy = "least_sessions"' "$primary_port" "$secondary_port"
 
 url="ws://127.0.0.1:$router_port/v1/stream"
+: > "$WORK/rounds.jsonl"
 rounds=$(( DURATION / CYCLE ))
 echo "soak.sh: $rounds rounds of $CYCLE s through wsrouter (pid $router_pid), results in $WORK"
 for round in $(seq 1 "$rounds"); do

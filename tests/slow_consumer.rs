@@ -40,15 +40,7 @@ async fn streaming_replica(written: Arc<AtomicU64>) -> SocketAddr {
                         .await;
                     return;
                 }
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .starts_with("sec-websocket-key:")
-                            .then(|| l[18..].trim().to_string())
-                    })
-                    .unwrap_or_default();
-                let accept = wsrouter::proxy::handshake::accept_key(key.as_bytes());
+                let accept = common::accept_for(&head);
                 let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
                 if stream.write_all(response.as_bytes()).await.is_err() {
                     return;

@@ -257,6 +257,19 @@ pub enum RawMode {
     Mute,
 }
 
+/// The `Sec-WebSocket-Accept` answering the key in a raw request head.
+pub fn accept_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("sec-websocket-key:")
+                .then(|| l[18..].trim().to_string())
+        })
+        .unwrap_or_default();
+    wsrouter::proxy::handshake::accept_key(key.as_bytes())
+}
+
 /// A hand-written replica on 127.0.0.1 for behaviour the echo replica cannot show.
 pub async fn raw_replica(mode: RawMode) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -273,16 +286,7 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let head = String::from_utf8_lossy(&head).to_string();
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .starts_with("sec-websocket-key:")
-                            .then(|| l[18..].trim().to_string())
-                    })
-                    .unwrap_or_default();
-                let accept = wsrouter::proxy::handshake::accept_key(key.as_bytes());
+                let accept = accept_for(&String::from_utf8_lossy(&head));
                 match mode {
                     RawMode::Silent => {
                         tokio::time::sleep(Duration::from_secs(60)).await;
