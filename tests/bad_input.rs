@@ -151,3 +151,42 @@ async fn a_connection_flood_beyond_the_session_limit_gets_503_and_the_router_rec
     let mut ws = connect(router.addr).await;
     echo_once(&mut ws, b"after the flood").await;
 }
+
+#[tokio::test]
+async fn a_request_head_dribbled_byte_by_byte_is_cut_at_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (_replica, router) = single_echo("[limits]\nheader_read_timeout_seconds = 0.5\n").await;
+    let mut stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let head =
+        b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let started = std::time::Instant::now();
+    // One byte every 50 ms: the whole head would take about 8 s; each byte alone is prompt.
+    let cut = bounded("the router to cut the dribble", async {
+        for byte in head.iter() {
+            if stream.write_all(&[*byte]).await.is_err() {
+                return true;
+            }
+            let mut probe = [0u8; 64];
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                stream.read(&mut probe),
+            )
+            .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => return true, // an error response, then the close
+                Err(_) => {}
+            }
+        }
+        false
+    })
+    .await;
+    let waited = started.elapsed();
+    assert!(cut, "the whole dribbled head was accepted");
+    assert!(
+        waited >= std::time::Duration::from_millis(450)
+            && waited < std::time::Duration::from_secs(3),
+        "cut after {waited:?}"
+    );
+}
