@@ -18,10 +18,9 @@ const FRAMES: usize = 1000;
 async fn pump_frames(size: usize) {
     let (mut client_side, router_in) = tokio::io::duplex(1 << 20);
     let (router_out, upstream_side) = tokio::io::duplex(1 << 20);
-    let (in_read, _in_write) = tokio::io::split(router_in);
+    let (mut source, _in_write) = tokio::io::split(router_in);
     let (_out_read, out_write) = tokio::io::split(router_out);
-    let (mut source, _) = pump::split(in_read, tokio::io::sink(), Role::Server, 16 << 20);
-    let (_, mut sink) = pump::split(tokio::io::empty(), out_write, Role::Client, 16 << 20);
+    let mut sink = pump::writer(out_write, Role::Client);
 
     // The client: FRAMES masked binary frames, then a close.
     let payload = vec![0x5a; size];
@@ -66,6 +65,7 @@ async fn pump_frames(size: usize) {
         Direction::ToUpstream,
         link,
         Duration::from_secs(1),
+        16 << 20,
     )
     .await;
     assert!(matches!(end, pump::PumpEnd::SourceClosed), "{end:?}");

@@ -190,3 +190,22 @@ async fn a_request_head_dribbled_byte_by_byte_is_cut_at_the_header_timeout() {
         "cut after {waited:?}"
     );
 }
+
+#[tokio::test]
+async fn frames_arriving_in_pieces_with_pauses_are_forwarded_whole() {
+    // A quiet pump drops its reader between frames; it must never do so inside one.
+    let (_replica, router) = single_echo("").await;
+    let mut stream = raw_upgrade(router.addr).await;
+    let payload: Vec<u8> = (0..300u16).map(|i| (i % 251) as u8).collect();
+    let frame = raw_frame(0x82, &payload, true);
+    for _ in 0..2 {
+        // Cut inside the header, inside the mask key and inside the payload.
+        for piece in [&frame[..1], &frame[1..5], &frame[5..100], &frame[100..]] {
+            stream.write_all(piece).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        let (first, echoed) = read_raw_frame(&mut stream).await.expect("the echo");
+        assert_eq!((first, echoed.len()), (0x82, payload.len()));
+        assert_eq!(echoed, payload);
+    }
+}

@@ -1,8 +1,8 @@
 //! The proxy: the HTTP service (routing, session limit, upgrade), the upstream connect with
 //! failover, and the session task that bridges client and replica.
 
+mod framing;
 pub mod handshake;
-mod masking;
 pub mod pump;
 pub mod stats;
 mod writer;
@@ -535,20 +535,19 @@ impl Proxy {
         let mut upstream_read = Prefixed::new(upstream.leftover, upstream_read);
         let mut upstream_write = Coalescing::new(upstream_write);
         let settings = self.settings.load_full();
-        let max = settings.limits.max_frame_bytes;
         let end = {
-            let mut client_frames = masking::RequireMask::new(&mut client_read);
-            let (mut cr, mut cw) =
-                pump::split(&mut client_frames, &mut client_write, Role::Server, max);
-            let (mut ur, mut uw) =
-                pump::split(&mut upstream_read, &mut upstream_write, Role::Client, max);
-            let close_timeout = seconds(settings.limits.close_timeout_seconds);
+            let mut cw = pump::writer(&mut client_write, Role::Server);
+            let mut uw = pump::writer(&mut upstream_write, Role::Client);
+            let limits = pump::SessionLimits {
+                close_timeout: seconds(settings.limits.close_timeout_seconds),
+                max_frame_bytes: settings.limits.max_frame_bytes,
+            };
             pump::bridge(
-                &mut cr,
+                &mut client_read,
                 &mut cw,
-                &mut ur,
+                &mut upstream_read,
                 &mut uw,
-                close_timeout,
+                limits,
                 settings.keepalive,
                 self.stop_signal(&session.replica),
                 &self.stats.traffic,
@@ -694,6 +693,17 @@ impl<R> Prefixed<R> {
             prefix
         };
         Prefixed { prefix, inner }
+    }
+}
+
+impl pump::Source for Prefixed<OwnedReadHalf> {
+    const PARKS: bool = true;
+    async fn readable(&self) -> io::Result<()> {
+        if self.prefix.has_remaining() {
+            Ok(())
+        } else {
+            self.inner.readable().await
+        }
     }
 }
 

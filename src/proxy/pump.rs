@@ -8,7 +8,7 @@
 //! answering keepalive pings.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::masking::is_unmasked_frame;
+use super::framing::{is_unmasked_frame, Tracked};
 use super::stats::{DirectionStats, Traffic};
 
 /// Which way a pump forwards.
@@ -36,17 +36,18 @@ pub struct CloseOrder {
     pub close: Option<(u16, String)>,
 }
 
-/// What the bridge can tell a pump while it forwards.
+/// What the bridge can tell a pump while it forwards. Close orders are boxed: the inbox
+/// allocates a block of slots per session, and small slots keep idle sessions light.
 #[derive(Debug)]
 pub enum Order {
     /// Send a keepalive ping to the sink's peer.
     Ping,
     /// Stop forwarding: write this to the sink, then drain the source.
-    Close(CloseOrder),
+    Close(Box<CloseOrder>),
     /// Keep forwarding until the source's own Close (or the close timeout), then write this
     /// instead of that Close: the client that broke the protocol still gets what its replica
     /// sent before the replica heard of it.
-    CloseAfterSource(CloseOrder),
+    CloseAfterSource(Box<CloseOrder>),
 }
 
 /// Payload of the router's own pings; the matching pongs are answered to the router and
@@ -233,30 +234,68 @@ enum Step<'f> {
     ),
 }
 
+/// A pump's byte source. A socket can say when it is readable, so a pump whose peer is quiet
+/// drops its frame reader, and the reader's 8 KiB buffer, until bytes arrive: idle sessions
+/// hold no read buffers.
+pub trait Source: AsyncRead + Unpin + Sync {
+    /// Whether [`Source::readable`] works; a source that cannot park keeps its reader.
+    const PARKS: bool;
+    /// Wait until a read would find bytes (or EOF, or an error).
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_;
+}
+
+/// In-memory pipes (benches, tests) never park.
+impl<T: AsyncRead + Send + Sync> Source for tokio::io::ReadHalf<T> {
+    const PARKS: bool = false;
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
+        std::future::pending()
+    }
+}
+
+/// A write half for a pump's sink.
+pub fn writer<W: AsyncWrite + Unpin>(write: W, role: Role) -> WebSocketWrite<W> {
+    split(tokio::io::empty(), write, role, 0).1
+}
+
+/// A frame reader over `read` for the side a pump reads.
+fn reader<R: AsyncRead + Unpin>(
+    read: R,
+    direction: Direction,
+    max_frame_bytes: usize,
+) -> WebSocketRead<R> {
+    let role = match direction {
+        // The client side is read as its server.
+        Direction::ToUpstream => Role::Server,
+        Direction::ToClient => Role::Client,
+    };
+    split(read, tokio::io::sink(), role, max_frame_bytes).0
+}
+
 /// Forward frames from `source` to `sink` until one side closes or fails, or a close order
 /// arrives.
-pub async fn pump<R, W>(
-    source: &mut WebSocketRead<R>,
+pub async fn pump<S, W>(
+    source: &mut S,
     sink: &mut WebSocketWrite<W>,
     direction: Direction,
     mut link: Link<'_>,
     close_timeout: Duration,
+    max_frame_bytes: usize,
 ) -> PumpEnd
 where
-    R: AsyncRead + Unpin,
+    S: Source,
     W: AsyncWrite + Unpin,
 {
-    let mut counted = Counted::default();
-    let end = forward(
-        source,
-        sink,
+    let mut state = PumpState {
         direction,
-        &mut link,
+        stats: link.stats,
+        heard: link.heard,
+        orders: Orders::new(&mut link.orders),
+        closing: None,
         close_timeout,
-        &mut counted,
-    )
-    .await;
-    link.stats.add(counted.frames, counted.bytes);
+        counted: Counted::default(),
+    };
+    let end = forward(source, sink, &mut state, max_frame_bytes).await;
+    state.stats.add(state.counted.frames, state.counted.bytes);
     end
 }
 
@@ -267,47 +306,126 @@ struct Counted {
     bytes: u64,
 }
 
-async fn forward<R, W>(
-    source: &mut WebSocketRead<R>,
-    sink: &mut WebSocketWrite<W>,
+/// What a pump carries from one reader to the next.
+struct PumpState<'a> {
     direction: Direction,
-    link: &mut Link<'_>,
+    stats: &'a DirectionStats,
+    heard: &'a AtomicU8,
+    orders: Orders<'a>,
+    /// Set by [`Order::CloseAfterSource`]: what to write instead of the source's Close, and
+    /// until when to wait for it.
+    closing: Option<(CloseOrder, Instant)>,
     close_timeout: Duration,
-    counted: &mut Counted,
+    counted: Counted,
+}
+
+impl PumpState<'_> {
+    fn closing_deadline(&self) -> Option<Instant> {
+        self.closing.as_ref().map(|(_, deadline)| *deadline)
+    }
+
+    fn close_after_source(&mut self, order: CloseOrder) {
+        self.closing = Some((order, Instant::now() + self.close_timeout));
+    }
+}
+
+/// What woke a parked pump.
+enum Wake {
+    Readable,
+    Order(Order),
+    Deadline,
+}
+
+async fn forward<S, W>(
+    source: &mut S,
+    sink: &mut WebSocketWrite<W>,
+    state: &mut PumpState<'_>,
+    max_frame_bytes: usize,
 ) -> PumpEnd
+where
+    S: Source,
+    W: AsyncWrite + Unpin,
+{
+    let at_boundary = AtomicBool::new(true);
+    // Client frames must be masked.
+    let require_mask = state.direction == Direction::ToUpstream;
+    loop {
+        {
+            let tracked = Tracked::new(&mut *source, require_mask, &at_boundary);
+            let mut frames = reader(tracked, state.direction, max_frame_bytes);
+            let park_at = S::PARKS.then_some(&at_boundary);
+            if let Some(end) = forward_frames(&mut frames, park_at, sink, state).await {
+                return end;
+            }
+        }
+        // Parked: the reader and its buffer are gone. Wait for bytes, an order or the deadline.
+        loop {
+            let deadline = state.closing_deadline();
+            let wake = tokio::select! {
+                _ = source.readable() => Wake::Readable,
+                order = state.orders.next() => Wake::Order(order),
+                _ = until(deadline) => Wake::Deadline,
+            };
+            match wake {
+                // A read error shows up on the next read.
+                Wake::Readable => break,
+                Wake::Deadline => return close_instead(sink, state.closing.take()).await,
+                Wake::Order(Order::Ping) => {
+                    let sent = sink.write_frame(keepalive_ping()).await;
+                    if let Err(e) = sent.and(sink.flush().await) {
+                        return PumpEnd::SinkFailed(e.to_string());
+                    }
+                }
+                Wake::Order(Order::CloseAfterSource(order)) => state.close_after_source(*order),
+                Wake::Order(Order::Close(order)) => {
+                    write_order(sink, *order).await;
+                    let tracked = Tracked::new(&mut *source, require_mask, &at_boundary);
+                    let mut frames = reader(tracked, state.direction, max_frame_bytes);
+                    drain_until_close(&mut frames, Instant::now() + state.close_timeout).await;
+                    return PumpEnd::Ordered;
+                }
+            }
+        }
+    }
+}
+
+/// Forward frames from one reader. `None` when the pump may park: `park_at` is set, a read
+/// would block, and every byte the reader was given is in frames already forwarded, so
+/// dropping the reader loses nothing.
+async fn forward_frames<R, W>(
+    source: &mut WebSocketRead<R>,
+    park_at: Option<&AtomicBool>,
+    sink: &mut WebSocketWrite<W>,
+    state: &mut PumpState<'_>,
+) -> Option<PumpEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let stats = link.stats;
-    let mut orders = Orders::new(&mut link.orders);
+    let direction = state.direction;
+    let close_timeout = state.close_timeout;
     let mut send = no_obligated_send;
-    // Set by [`Order::CloseAfterSource`]: what to write instead of the source's Close, and
-    // how long to wait for it.
-    let mut closing: Option<(CloseOrder, Instant)> = None;
     loop {
         // Between frames no read is in flight, so an order can be carried out here at no risk;
         // this is what stops a source that never pauses (a replica streaming non-stop).
-        while let Some(order) = orders.ready() {
+        while let Some(order) = state.orders.ready() {
             match order {
                 Order::Ping => {
                     if let Err(e) = sink.write_frame(keepalive_ping()).await {
-                        return PumpEnd::SinkFailed(e.to_string());
+                        return Some(PumpEnd::SinkFailed(e.to_string()));
                     }
                 }
                 Order::Close(received) => {
-                    write_order(sink, received).await;
+                    write_order(sink, *received).await;
                     drain_until_close(source, Instant::now() + close_timeout).await;
-                    return PumpEnd::Ordered;
+                    return Some(PumpEnd::Ordered);
                 }
-                Order::CloseAfterSource(received) => {
-                    closing = Some((received, Instant::now() + close_timeout));
-                }
+                Order::CloseAfterSource(received) => state.close_after_source(*received),
             }
         }
-        if let Some((_, deadline)) = &closing {
-            if Instant::now() >= *deadline {
-                return close_instead(sink, closing).await;
+        if let Some(deadline) = state.closing_deadline() {
+            if Instant::now() >= deadline {
+                return Some(close_instead(sink, state.closing.take()).await);
             }
         }
         // `read_frame` is not cancel-safe: the in-flight read stays pinned and is polled to
@@ -319,34 +437,37 @@ where
                 Poll::Ready(result) => Step::Read(result),
                 Poll::Pending => {
                     // Nothing more to read right now: push out what was coalesced.
-                    stats.add(
-                        std::mem::take(&mut counted.frames),
-                        std::mem::take(&mut counted.bytes),
+                    state.stats.add(
+                        std::mem::take(&mut state.counted.frames),
+                        std::mem::take(&mut state.counted.bytes),
                     );
                     if let Err(e) = sink.flush().await {
-                        return PumpEnd::SinkFailed(e.to_string());
+                        return Some(PumpEnd::SinkFailed(e.to_string()));
+                    }
+                    if park_at.is_some_and(|at| at.load(Ordering::Relaxed)) {
+                        // The pending read holds no bytes: dropping it is safe.
+                        return None;
                     }
                     loop {
+                        let deadline = state.closing_deadline();
                         tokio::select! {
                             result = &mut read => break Step::Read(result),
-                            order = orders.next() => match order {
+                            order = state.orders.next() => match order {
                                 Order::Ping => {
                                     let sent = sink.write_frame(keepalive_ping()).await;
                                     if let Err(e) = sent.and(sink.flush().await) {
-                                        return PumpEnd::SinkFailed(e.to_string());
+                                        return Some(PumpEnd::SinkFailed(e.to_string()));
                                     }
                                 }
                                 Order::Close(received) => {
-                                    write_order(sink, received).await;
+                                    write_order(sink, *received).await;
                                     let deadline = Instant::now() + close_timeout;
                                     break Step::Ordered(tokio::time::timeout_at(deadline, &mut read).await, deadline);
                                 }
-                                Order::CloseAfterSource(received) => {
-                                    closing = Some((received, Instant::now() + close_timeout));
-                                }
+                                Order::CloseAfterSource(received) => state.close_after_source(*received),
                             },
-                            _ = until(closing.as_ref().map(|(_, deadline)| *deadline)) => {
-                                return close_instead(sink, closing).await;
+                            _ = until(deadline) => {
+                                return Some(close_instead(sink, state.closing.take()).await);
                             }
                         }
                     }
@@ -359,30 +480,32 @@ where
                 if frame.opcode != OpCode::Close {
                     drain_until_close(source, deadline).await;
                 }
-                return PumpEnd::Ordered;
+                return Some(PumpEnd::Ordered);
             }
-            Step::Ordered(_, _) => return PumpEnd::Ordered,
+            Step::Ordered(_, _) => return Some(PumpEnd::Ordered),
             Step::Read(Ok(frame)) => frame,
-            Step::Read(Err(error)) => return source_failed(sink, direction, error, closing).await,
+            Step::Read(Err(error)) => {
+                return Some(source_failed(sink, direction, error, state.closing.take()).await)
+            }
         };
         if frame.opcode == OpCode::Close {
             if let Some(error) = close_payload_error(&frame.payload) {
-                return source_failed(sink, direction, error, closing).await;
+                return Some(source_failed(sink, direction, error, state.closing.take()).await);
             }
-            if closing.is_some() {
-                return close_instead(sink, closing).await;
+            if state.closing.is_some() {
+                return Some(close_instead(sink, state.closing.take()).await);
             }
         }
 
         if frame.opcode == OpCode::Pong && &frame.payload[..] == KEEPALIVE_PAYLOAD {
             // The answer to the router's own ping: proof of life, nothing to forward.
-            mark(link.heard, heard::ANY);
+            mark(state.heard, heard::ANY);
             continue;
         }
-        mark(link.heard, heard::ANY | heard::FORWARDED);
+        mark(state.heard, heard::ANY | heard::FORWARDED);
         let is_close = frame.opcode == OpCode::Close;
-        counted.frames += 1;
-        counted.bytes += frame.payload.len() as u64;
+        state.counted.frames += 1;
+        state.counted.bytes += frame.payload.len() as u64;
         let frame = match direction {
             // Frames towards the client must carry no mask, whatever the replica sent.
             Direction::ToClient => Frame::new(frame.fin, frame.opcode, None, frame.payload),
@@ -390,13 +513,13 @@ where
             Direction::ToUpstream => frame,
         };
         if let Err(e) = sink.write_frame(frame).await {
-            return PumpEnd::SinkFailed(e.to_string());
+            return Some(PumpEnd::SinkFailed(e.to_string()));
         }
         if is_close {
             if let Err(e) = sink.flush().await {
-                return PumpEnd::SinkFailed(e.to_string());
+                return Some(PumpEnd::SinkFailed(e.to_string()));
             }
-            return PumpEnd::SourceClosed;
+            return Some(PumpEnd::SourceClosed);
         }
     }
 }
@@ -671,24 +794,36 @@ impl Watch {
     }
 }
 
+/// The limits a session's pumps work within.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// How long to wait for a peer's Close reply.
+    pub close_timeout: Duration,
+    pub max_frame_bytes: usize,
+}
+
 /// Run both pumps until the session is over, or until `stop` (or the keepalive watch) ends it.
 #[allow(clippy::too_many_arguments)]
-pub async fn bridge<CR, CW, UR, UW>(
-    client_read: &mut WebSocketRead<CR>,
+pub async fn bridge<CS, CW, US, UW>(
+    client_read: &mut CS,
     client_write: &mut WebSocketWrite<CW>,
-    upstream_read: &mut WebSocketRead<UR>,
+    upstream_read: &mut US,
     upstream_write: &mut WebSocketWrite<UW>,
-    close_timeout: Duration,
+    limits: SessionLimits,
     keepalive: Keepalive,
     stop: impl Future<Output = Stop>,
     traffic: &Traffic,
 ) -> SessionEnd
 where
-    CR: AsyncRead + Unpin,
+    CS: Source,
     CW: AsyncWrite + Unpin,
-    UR: AsyncRead + Unpin,
+    US: Source,
     UW: AsyncWrite + Unpin,
 {
+    let SessionLimits {
+        close_timeout,
+        max_frame_bytes,
+    } = limits;
     let (order_up_tx, order_up_rx) = mpsc::channel(4);
     let (order_down_tx, order_down_rx) = mpsc::channel(4);
     let heard_from_client = AtomicU8::new(0);
@@ -703,6 +838,7 @@ where
             heard: &heard_from_client,
         },
         close_timeout,
+        max_frame_bytes,
     );
     let down = pump(
         upstream_read,
@@ -714,6 +850,7 @@ where
             heard: &heard_from_upstream,
         },
         close_timeout,
+        max_frame_bytes,
     );
     tokio::pin!(up, down, stop);
 
@@ -735,10 +872,10 @@ where
                     // A client that broke the protocol first gets what its replica already sent
                     // (the replica was just told 1001), then its close code.
                     PumpEnd::SourceFailed { owed_close: Some(code), .. } => {
-                        let _ = order_down_tx.try_send(Order::CloseAfterSource(CloseOrder {
+                        let _ = order_down_tx.try_send(Order::CloseAfterSource(Box::new(CloseOrder {
                             error_json: None,
                             close: Some((*code, "protocol error".into())),
-                        }));
+                        })));
                         None
                     }
                     PumpEnd::SourceFailed { owed_close: None, .. } => Some(CloseOrder::default()),
@@ -749,7 +886,7 @@ where
                     PumpEnd::Ordered => None,
                 };
                 if let Some(order) = order {
-                    let _ = order_down_tx.try_send(Order::Close(order));
+                    let _ = order_down_tx.try_send(Order::Close(Box::new(order)));
                 }
                 let client = finish(&mut down, within).await;
                 return SessionEnd { upstream: end, client, stopped: None };
@@ -768,7 +905,7 @@ where
                     PumpEnd::Ordered => None,
                 };
                 if let Some(order) = order {
-                    let _ = order_up_tx.try_send(Order::Close(order));
+                    let _ = order_up_tx.try_send(Order::Close(Box::new(order)));
                 }
                 let upstream = finish(&mut up, within).await;
                 return SessionEnd { upstream, client: end, stopped: None };
@@ -790,8 +927,12 @@ where
         }
     };
     // Close orders are the first and only ones that matter now: wait for room if need be.
-    let _ = order_up_tx.send(Order::Close(stop.to_upstream)).await;
-    let _ = order_down_tx.send(Order::Close(stop.to_client)).await;
+    let _ = order_up_tx
+        .send(Order::Close(Box::new(stop.to_upstream)))
+        .await;
+    let _ = order_down_tx
+        .send(Order::Close(Box::new(stop.to_client)))
+        .await;
     let (upstream, client) = tokio::join!(finish(&mut up, within), finish(&mut down, within));
     SessionEnd {
         upstream,
@@ -847,21 +988,27 @@ mod tests {
         }
     }
 
+    impl Source for NeverPausing {
+        const PARKS: bool = false;
+        fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+            std::future::pending()
+        }
+    }
+
     #[tokio::test]
     async fn an_order_is_carried_out_even_when_the_source_never_pauses() {
         // Unmasked binary frames, as a replica sends them; 4 MB of them, then EOF.
-        let source = NeverPausing {
+        let mut source = NeverPausing {
             frame: &[0x82, 0x02, 1, 2],
             at: 0,
             left: 4 << 20,
         };
-        let (mut source, _) = split(source, tokio::io::sink(), Role::Client, 1024);
-        let (_, mut sink) = split(tokio::io::empty(), Vec::<u8>::new(), Role::Server, 1024);
+        let mut sink = writer(Vec::<u8>::new(), Role::Server);
         let (tx, rx) = mpsc::channel(1);
-        tx.try_send(Order::Close(CloseOrder {
+        tx.try_send(Order::Close(Box::new(CloseOrder {
             error_json: None,
             close: Some((1001, "router shutting down".into())),
-        }))
+        })))
         .unwrap();
         let stats = DirectionStats::default();
         let heard = AtomicU8::new(0);
@@ -876,6 +1023,7 @@ mod tests {
             Direction::ToClient,
             link,
             Duration::from_millis(50),
+            1024,
         )
         .await;
         assert!(

@@ -1,10 +1,14 @@
-//! RFC 6455 5.1: a server must fail the connection when a client frame is not masked.
-//! fastwebsockets accepts unmasked frames and keeps the mask private, so the client's byte
-//! stream is watched here: frame headers are parsed as they pass, payloads are skipped by
-//! count (no copy, no per-byte work on payloads).
+//! Frame boundaries of a byte stream, followed as the bytes pass to fastwebsockets: frame
+//! headers are parsed, payloads skipped by count (no copy, no per-byte work on payloads).
+//!
+//! Two uses. RFC 6455 5.1: a server must fail the connection when a client frame is not
+//! masked; fastwebsockets accepts unmasked frames and keeps the mask private. And a pump may
+//! drop its idle reader (and the reader's buffer) only when every byte handed to it belongs
+//! to a frame it has already returned, which is known here.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
@@ -21,14 +25,14 @@ impl std::fmt::Display for UnmaskedFrame {
 
 impl std::error::Error for UnmaskedFrame {}
 
-/// Whether `error` is the one [`RequireMask`] raises.
+/// Whether `error` is the one [`Tracked`] raises for an unmasked client frame.
 pub fn is_unmasked_frame(error: &io::Error) -> bool {
     error
         .get_ref()
         .is_some_and(|inner| inner.is::<UnmaskedFrame>())
 }
 
-/// Where the parser stands in the client's frame stream.
+/// Where the parser stands in a frame stream.
 #[derive(Debug, Default)]
 struct FrameCursor {
     /// Bytes of the current frame header seen so far (at most 14).
@@ -39,8 +43,9 @@ struct FrameCursor {
 }
 
 impl FrameCursor {
-    /// Follow `bytes` through the frame stream; `false` as soon as a header says "unmasked".
-    fn follow(&mut self, mut bytes: &[u8]) -> bool {
+    /// Follow `bytes` through the frame stream; `false` as soon as a header says "unmasked"
+    /// when masks are required.
+    fn follow(&mut self, mut bytes: &[u8], require_mask: bool) -> bool {
         while !bytes.is_empty() {
             if self.payload_left > 0 {
                 let skip = self.payload_left.min(bytes.len() as u64) as usize;
@@ -54,7 +59,8 @@ impl FrameCursor {
             if self.header_len < 2 {
                 continue;
             }
-            if self.header[1] & 0x80 == 0 {
+            let masked = self.header[1] & 0x80 != 0;
+            if require_mask && !masked {
                 return false;
             }
             let extended = match self.header[1] & 0x7f {
@@ -62,7 +68,7 @@ impl FrameCursor {
                 127 => 8,
                 _ => 0,
             };
-            if self.header_len < 2 + extended + 4 {
+            if self.header_len < 2 + extended + if masked { 4 } else { 0 } {
                 continue;
             }
             self.payload_left = match extended {
@@ -74,24 +80,36 @@ impl FrameCursor {
         }
         true
     }
+
+    /// Every byte followed so far belongs to a complete frame.
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.payload_left == 0
+    }
 }
 
-/// A client read half that fails with [`UnmaskedFrame`] when an unmasked frame arrives.
-pub struct RequireMask<R> {
-    inner: R,
+/// A read half that follows the frames it passes on: fails with [`UnmaskedFrame`] when masks
+/// are required and one is missing, and keeps `at_boundary` up to date.
+pub struct Tracked<'a, R> {
+    inner: &'a mut R,
     cursor: FrameCursor,
+    require_mask: bool,
+    at_boundary: &'a AtomicBool,
 }
 
-impl<R> RequireMask<R> {
-    pub fn new(inner: R) -> Self {
-        RequireMask {
+impl<'a, R> Tracked<'a, R> {
+    /// Start at a frame boundary (a fresh reader holds nothing).
+    pub fn new(inner: &'a mut R, require_mask: bool, at_boundary: &'a AtomicBool) -> Self {
+        at_boundary.store(true, Ordering::Relaxed);
+        Tracked {
             inner,
             cursor: FrameCursor::default(),
+            require_mask,
+            at_boundary,
         }
     }
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for RequireMask<R> {
+impl<R: AsyncRead + Unpin> AsyncRead for Tracked<'_, R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -99,16 +117,20 @@ impl<R: AsyncRead + Unpin> AsyncRead for RequireMask<R> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        match Pin::new(&mut *this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.cursor.follow(&buf.filled()[before..]) {
-                    Poll::Ready(Ok(()))
-                } else {
-                    Poll::Ready(Err(io::Error::new(
+                if !this
+                    .cursor
+                    .follow(&buf.filled()[before..], this.require_mask)
+                {
+                    return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         UnmaskedFrame,
-                    )))
+                    )));
                 }
+                this.at_boundary
+                    .store(this.cursor.at_boundary(), Ordering::Relaxed);
+                Poll::Ready(Ok(()))
             }
             other => other,
         }
@@ -147,10 +169,10 @@ mod tests {
         for chunk in [1, 3, 7, 4096, stream.len()] {
             let mut cursor = FrameCursor::default();
             assert!(
-                stream.chunks(chunk).all(|part| cursor.follow(part)),
+                stream.chunks(chunk).all(|part| cursor.follow(part, true)),
                 "chunks of {chunk}"
             );
-            assert_eq!((cursor.header_len, cursor.payload_left), (0, 0));
+            assert!(cursor.at_boundary());
         }
     }
 
@@ -161,9 +183,25 @@ mod tests {
         for chunk in [1, 5, stream.len()] {
             let mut cursor = FrameCursor::default();
             assert!(
-                !stream.chunks(chunk).all(|part| cursor.follow(part)),
+                !stream.chunks(chunk).all(|part| cursor.follow(part, true)),
                 "chunks of {chunk}"
             );
         }
+    }
+
+    #[test]
+    fn unmasked_replica_frames_are_followed_to_their_boundaries() {
+        let mut cursor = FrameCursor::default();
+        let mut stream = vec![0x82, 126, 0x01, 0x00];
+        stream.extend(std::iter::repeat_n(0x82, 256));
+        assert!(cursor.follow(&stream[..100], false));
+        assert!(!cursor.at_boundary());
+        assert!(cursor.follow(&stream[100..], false));
+        assert!(cursor.at_boundary());
+        assert!(cursor.follow(&[0x81], false));
+        assert!(
+            !cursor.at_boundary(),
+            "a lone header byte is not a boundary"
+        );
     }
 }
