@@ -354,7 +354,8 @@ where
             let tracked = Tracked::new(&mut *source, require_mask, &at_boundary);
             let mut frames = reader(tracked, state.direction, max_frame_bytes);
             let park_at = S::PARKS.then_some(&at_boundary);
-            if let Some(end) = forward_frames(&mut frames, park_at, sink, state).await {
+            // Boxed: a parked pump then holds neither the reader nor its in-flight state.
+            if let Some(end) = Box::pin(forward_frames(&mut frames, park_at, sink, state)).await {
                 return end;
             }
         }
