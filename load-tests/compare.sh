@@ -171,8 +171,11 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   done
   for t in $TARGETS; do
+    pids=$(target_pids "$t")
+    before=$(cpu_ticks $pids)
     line=$($LOAD_CPU $BIN/wsload handshake --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" --duration "$DURATION")
-    echo "${line%\}},\"round\":$round}" >> "$RESULTS"
+    after=$(cpu_ticks $pids)
+    echo "${line%\}},\"round\":$round,\"proxy_cpu_s\":$(python3 -c "print(($after-$before)/$TICK)")}" >> "$RESULTS"
     echo "round $round: $t $(echo "$line" | grep -o '"handshakes_per_s":[0-9.]*')" >&2
   done
 done

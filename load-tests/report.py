@@ -53,14 +53,16 @@ def main(path):
                   f"{m['p99_us'] / 1000:.2f} | {cpu} | {ratio(m['msgs_per_s'], med.get('nginx', {}).get('msgs_per_s'))} | "
                   f"{ratio(m['msgs_per_s'], med.get('direct', {}).get('msgs_per_s'))} |")
     if shakes:
-        print("\n| target | handshakes/s | connect p50 ms | connect p99 ms | vs nginx | vs direct |")
-        print("|---|---|---|---|---|---|")
+        print("\n| target | handshakes/s | connect p50 ms | connect p99 ms | proxy CPU us/handshake | vs nginx | vs direct |")
+        print("|---|---|---|---|---|---|---|")
         hs = {t: median([r["handshakes_per_s"] for r in shakes[t]]) for t in shakes}
         for t in TARGETS:
             if t in shakes:
                 p50 = median([r["p50_us"] for r in shakes[t]]) / 1000
                 p99 = median([r["p99_us"] for r in shakes[t]]) / 1000
-                print(f"| {t} | {hs[t]:,.0f} | {p50:.2f} | {p99:.2f} | {ratio(hs[t], hs.get('nginx'))} | {ratio(hs[t], hs.get('direct'))} |")
+                cpu = [r["proxy_cpu_s"] * 1e6 / r["handshakes"] for r in shakes[t] if r.get("handshakes") and "proxy_cpu_s" in r]
+                cpu = f"{median(cpu):.1f}" if cpu and t != "direct" else "-"
+                print(f"| {t} | {hs[t]:,.0f} | {p50:.2f} | {p99:.2f} | {cpu} | {ratio(hs[t], hs.get('nginx'))} | {ratio(hs[t], hs.get('direct'))} |")
     if idle:
         print("\n| target | idle sessions held | RSS per idle session | sessions dead after hold |")
         print("|---|---|---|---|")

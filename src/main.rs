@@ -70,7 +70,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Demo { port }) => runtime.block_on(demo(port)),
+        Some(Command::Demo { port }) => on_workers(&runtime, demo(port)),
         None => {
             let Some(path) = cli.config else {
                 eprintln!("wsrouter: --config FILE is required (or try `wsrouter demo`)");
@@ -83,9 +83,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime.block_on(run(config, path))
+            on_workers(&runtime, run(config, path))
         }
     }
+}
+
+/// Run `main_task` on the runtime's worker threads rather than on the thread that blocks on
+/// it: the accept loop then spawns sessions onto its own thread instead of waking a worker
+/// (a futex call and a context switch) for every connection.
+fn on_workers(
+    runtime: &tokio::runtime::Runtime,
+    main_task: impl std::future::Future<Output = ExitCode> + Send + 'static,
+) -> ExitCode {
+    runtime
+        .block_on(runtime.spawn(main_task))
+        .expect("the main task does not panic")
 }
 
 async fn bind(config: Config) -> Option<Router> {
