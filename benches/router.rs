@@ -51,11 +51,11 @@ async fn pump_frames(size: usize) {
         }
         assert_eq!(n, FRAMES);
     });
-    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+    let inbox = pump::Inbox::default();
     let stats = wsrouter::proxy::stats::DirectionStats::default();
     let heard = std::sync::atomic::AtomicU8::new(0);
     let link = pump::Link {
-        orders: rx,
+        orders: &inbox,
         stats: &stats,
         heard: &heard,
     };

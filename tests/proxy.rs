@@ -443,6 +443,95 @@ async fn replica_with_a_wrong_accept_key_is_skipped_for_the_next() {
     assert_eq!(health.consecutive_failures, 1);
 }
 
+/// A replica's 101 is read straight off the socket: whatever arrives with it or after it in
+/// pieces is kept, and a 101 the client could not use sends the session to the next replica.
+#[tokio::test]
+async fn upstream_handshake_answers_are_read_and_checked() {
+    /// An unmasked text frame "hello", as a replica sends it.
+    const HELLO: &[u8] = b"\x81\x05hello";
+    /// A valid 101 head, followed by `$rest`.
+    macro_rules! upgraded {
+        ($rest:literal) => {
+            concat!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n", $rest)
+        };
+    }
+    // (what the replica answers, what the session must show first: the replica's "hello"
+    // frame, or the next replica echoing, with the error recorded against the first)
+    let cases: [(RawMode, Result<(), &str>); 7] = [
+        (RawMode::Answer(upgraded!("\r\n"), HELLO), Ok(())),
+        (RawMode::Dribble(upgraded!("\r\n"), HELLO), Ok(())),
+        (RawMode::Answer(upgraded!("Sec-WebSocket-Protocol: never-offered\r\n\r\n"), b""), Err("never-offered")),
+        (RawMode::Answer(upgraded!("Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"), b""), Err("extension")),
+        (RawMode::Answer("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n", b""), Err("Connection: upgrade")),
+        (RawMode::Answer("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", b""), Err("expected HTTP 101, got 200")),
+        (RawMode::Answer("this is not HTTP\r\n\r\n", b""), Err("invalid response")),
+    ];
+    for (mode, expected) in cases {
+        let odd = raw_replica(mode).await;
+        let good = EchoReplica::start().await.unwrap();
+        let router = start_always_healthy(&[format!("http://{odd}"), good.url()], "").await;
+        let mut ws = connect(router.addr).await;
+        let health = || router.registry.snapshot().replicas[0].health.clone();
+        match expected {
+            Ok(()) => {
+                let first = read(&mut ws).await;
+                assert_eq!(
+                    (first.opcode, &first.payload[..]),
+                    (OpCode::Text, &b"hello"[..])
+                );
+                assert_eq!(health().consecutive_failures, 0);
+            }
+            Err(why) => {
+                echo_once(&mut ws, b"served by the next replica").await;
+                let error = health().last_error.unwrap_or_default();
+                assert!(error.contains(why), "expected {why:?} in {error:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn oversized_upstream_response_heads_are_refused() {
+    let huge: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Padding: {}\r\n\r\n",
+            "a".repeat(20_000)
+        )
+        .into_boxed_str(),
+    );
+    let odd = raw_replica(RawMode::Answer(huge, b"")).await;
+    let good = EchoReplica::start().await.unwrap();
+    let router = start_always_healthy(&[format!("http://{odd}"), good.url()], "").await;
+    let mut ws = connect(router.addr).await;
+    echo_once(&mut ws, b"served by the next replica").await;
+    let error = router.registry.snapshot().replicas[0]
+        .health
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(error.contains("larger than"), "{error}");
+}
+
+#[tokio::test]
+async fn replica_cookies_reach_the_client_101() {
+    let odd = raw_replica(RawMode::Answer(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+        b"",
+    ))
+    .await;
+    let router = start_always_healthy(&[format!("http://{odd}")], "").await;
+    let (_ws, response) = bounded("connect", connect_with(router.addr, "/v1/stream", &[]))
+        .await
+        .unwrap();
+    let cookies: Vec<_> = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+}
+
 #[tokio::test]
 async fn a_replica_dying_during_the_handshake_is_skipped_for_the_next() {
     let dying = raw_replica(RawMode::Hangup).await;

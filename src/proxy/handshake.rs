@@ -6,12 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
-use bytes::Bytes;
-use http_body_util::Empty;
+use bytes::{Bytes, BytesMut};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::registry::Replica;
@@ -121,66 +120,63 @@ fn is_hop_header(name: &HeaderName) -> bool {
     )
 }
 
-/// Build the upstream handshake request from the client's request: same path and query,
-/// end-to-end headers (subprotocols, Origin, Authorization, cookies, ...) kept, X-Forwarded-* added.
+/// The upstream handshake request, as the bytes sent to the replica: same path and query,
+/// end-to-end headers (subprotocols, Origin, Authorization, cookies, ...) kept,
+/// X-Forwarded-* added. Written straight into one buffer: names, values and the path were
+/// validated by hyper when the client's request was parsed, so none can break the framing.
 pub fn upstream_request(
     client: &hyper::http::request::Parts,
     client_addr: SocketAddr,
     replica: &Replica,
     key: &str,
-) -> Request<Empty<Bytes>> {
+) -> Vec<u8> {
     let path = client
         .uri
         .path_and_query()
         .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
         .unwrap_or("/");
-    let mut req = Request::new(Empty::new());
-    *req.uri_mut() = path
-        .parse()
-        .unwrap_or_else(|_| hyper::Uri::from_static("/"));
-    let headers = req.headers_mut();
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut line = |name: &[u8], value: &[u8]| {
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    };
+    line(b"host", replica.authority.as_bytes());
+    line(b"connection", b"Upgrade");
+    line(b"upgrade", b"websocket");
+    line(b"sec-websocket-version", b"13");
+    line(b"sec-websocket-key", key.as_bytes());
     for (name, value) in &client.headers {
         if !is_hop_header(name) && *name != "x-forwarded-for" {
-            headers.append(name.clone(), value.clone());
+            line(name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&replica.authority).expect("validated authority"),
-    );
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(
-        header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
-    headers.insert(
-        header::SEC_WEBSOCKET_KEY,
-        HeaderValue::from_str(key).expect("base64 key"),
-    );
     let ip = client_addr.ip().to_string();
-    let forwarded_for = match client
+    match client
         .headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
     {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", v);
+        Some(prior) => line(b"x-forwarded-for", format!("{prior}, {ip}").as_bytes()),
+        None => line(b"x-forwarded-for", ip.as_bytes()),
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    line(b"x-forwarded-proto", b"http");
     if let Some(host) = client.headers.get(header::HOST) {
-        headers.insert("x-forwarded-host", host.clone());
+        line(b"x-forwarded-host", host.as_bytes());
     }
-    req
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
 /// A replica connection that completed its WebSocket handshake.
 pub struct Upstream {
     pub stream: TcpStream,
-    /// Bytes the replica sent right after its 101, already read by the HTTP parser.
+    /// Bytes the replica sent right after its 101, read with the response head.
     pub leftover: Bytes,
     /// Headers to copy into the client's 101: the chosen subprotocol and any cookies set.
     pub response_headers: HeaderMap,
@@ -199,6 +195,15 @@ pub enum UpstreamError {
     Refused(StatusCode),
 }
 
+fn handshake_error(message: impl Into<String>) -> UpstreamError {
+    UpstreamError::Handshake(message.into())
+}
+
+/// Largest response head a replica may send for its 101.
+const MAX_RESPONSE_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers a replica's 101 may carry.
+const MAX_RESPONSE_HEADERS: usize = 64;
+
 /// Connect to `replica` and complete the WebSocket handshake within `timeout`.
 pub async fn connect(
     replica: &Replica,
@@ -212,90 +217,127 @@ pub async fn connect(
     }
 }
 
+/// The upstream handshake is one request head out and one response head back, so it is
+/// written and parsed (httparse, as hyper does) directly on the socket: no client connection
+/// task, request channel or upgrade hand-off per session.
 async fn connect_inner(
     replica: &Replica,
     client: &hyper::http::request::Parts,
     client_addr: SocketAddr,
 ) -> Result<Upstream, UpstreamError> {
-    let stream = TcpStream::connect(&replica.authority)
+    let mut stream = TcpStream::connect(&replica.authority)
         .await
         .map_err(UpstreamError::Connect)?;
     stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
     let key = fastwebsockets::handshake::generate_key();
     let request = upstream_request(client, client_addr, replica, &key);
-    let offered_protocols = client.headers.get_all(header::SEC_WEBSOCKET_PROTOCOL);
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|e| handshake_error(format!("sending the request: {e}")))?;
 
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
-    // The connection task ends when the upgrade hands the socket over (or on error).
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    let mut response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
-    let status = response.status();
+    let mut buf = BytesMut::with_capacity(1024);
+    let (head_len, response_headers) = loop {
+        let read = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| handshake_error(format!("reading the response: {e}")))?;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let code = response.code.unwrap_or_default();
+                let status = StatusCode::from_u16(code)
+                    .map_err(|_| handshake_error(format!("invalid status {code}")))?;
+                break (len, check_response(status, response.headers, &key, client)?);
+            }
+            Ok(httparse::Status::Partial) if read == 0 => {
+                return Err(handshake_error(
+                    "the replica closed the connection before its response",
+                ))
+            }
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_RESPONSE_HEAD_BYTES => {
+                return Err(handshake_error(format!(
+                    "response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes"
+                )))
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(handshake_error(format!("invalid response: {e}"))),
+        }
+    };
+    let leftover = buf.split_off(head_len).freeze();
+    Ok(Upstream {
+        stream,
+        leftover,
+        response_headers,
+    })
+}
+
+/// Check a replica's answer to the upgrade; keep the headers the client's 101 carries over.
+fn check_response(
+    status: StatusCode,
+    headers: &[httparse::Header<'_>],
+    key: &str,
+    client: &hyper::http::request::Parts,
+) -> Result<HeaderMap, UpstreamError> {
     if status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(if status.is_client_error() {
             UpstreamError::Refused(status)
         } else {
-            UpstreamError::Handshake(format!("expected HTTP 101, got {}", status.as_u16()))
+            handshake_error(format!("expected HTTP 101, got {}", status.as_u16()))
         });
     }
-    let headers = response.headers();
-    if !header_has_token(headers, header::UPGRADE, "websocket")
-        || !header_has_token(headers, header::CONNECTION, "upgrade")
-    {
-        return Err(UpstreamError::Handshake(
-            "101 without Upgrade: websocket / Connection: upgrade".into(),
+    let named = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let has_token = |name: &'static str, token: &str| {
+        named(name)
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err(handshake_error(
+            "101 without Upgrade: websocket / Connection: upgrade",
         ));
     }
     let expected = accept_key(key.as_bytes());
-    if headers
-        .get(header::SEC_WEBSOCKET_ACCEPT)
-        .map(|v| v.as_bytes())
-        != Some(expected.as_bytes())
-    {
-        return Err(UpstreamError::Handshake(
-            "wrong or missing Sec-WebSocket-Accept".into(),
+    if named("sec-websocket-accept").ne(std::iter::once(expected.as_bytes())) {
+        return Err(handshake_error("wrong or missing Sec-WebSocket-Accept"));
+    }
+    if named("sec-websocket-extensions").next().is_some() {
+        return Err(handshake_error(
+            "replica enabled an extension that was not offered",
         ));
     }
-    if headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
-        return Err(UpstreamError::Handshake(
-            "replica enabled an extension that was not offered".into(),
-        ));
-    }
-    let mut response_headers = HeaderMap::new();
-    if let Some(chosen) = headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
-        let chosen_str = chosen.to_str().unwrap_or("").trim();
-        let was_offered = offered_protocols
+    let mut kept = HeaderMap::new();
+    if let Some(chosen) = named("sec-websocket-protocol").next() {
+        let chosen_str = std::str::from_utf8(chosen).unwrap_or("").trim();
+        let was_offered = client
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|p| p.trim() == chosen_str);
         if !was_offered {
-            return Err(UpstreamError::Handshake(format!(
+            return Err(handshake_error(format!(
                 "replica chose subprotocol {chosen_str:?}, which the client did not offer"
             )));
         }
-        response_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen.clone());
+        let value = HeaderValue::from_bytes(chosen)
+            .map_err(|_| handshake_error("invalid Sec-WebSocket-Protocol value"))?;
+        kept.insert(header::SEC_WEBSOCKET_PROTOCOL, value);
     }
-    for cookie in headers.get_all(header::SET_COOKIE) {
-        response_headers.append(header::SET_COOKIE, cookie.clone());
+    for cookie in named("set-cookie") {
+        let value = HeaderValue::from_bytes(cookie)
+            .map_err(|_| handshake_error("invalid Set-Cookie value"))?;
+        kept.append(header::SET_COOKIE, value);
     }
-    let upgraded = hyper::upgrade::on(&mut response)
-        .await
-        .map_err(|e| UpstreamError::Handshake(format!("upgrade: {e}")))?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| UpstreamError::Handshake("upgraded connection is not a TCP stream".into()))?;
-    Ok(Upstream {
-        stream: parts.io.into_inner(),
-        leftover: parts.read_buf,
-        response_headers,
-    })
+    Ok(kept)
 }
 
 #[cfg(test)]

@@ -253,7 +253,12 @@ impl Proxy {
                     _slot: slot,
                     _permit: permit,
                 };
-                tokio::spawn(self.clone().run_session(session, client_upgrade, upstream));
+                tokio::spawn(self.clone().run_session(
+                    session,
+                    client_upgrade,
+                    upstream.stream,
+                    upstream.leftover,
+                ));
                 return response;
             }
             Joined::Refused(replica, status) => {
@@ -308,9 +313,29 @@ impl Proxy {
     ) -> Joined {
         let settings = self.settings.load_full();
         let timeout = seconds(settings.limits.connect_timeout_seconds);
+        let mut failures = Vec::new();
+        if settings.race_candidates <= 1 {
+            // No racing: one attempt at a time, run here rather than as a task of its own.
+            for replica in candidates {
+                let Some(slot) = replica.try_reserve_session() else {
+                    continue;
+                };
+                let started = Instant::now();
+                let result = handshake::connect(&replica, &parts, peer, timeout).await;
+                let attempt = Attempt {
+                    replica,
+                    slot,
+                    started,
+                    result,
+                };
+                if let Some(joined) = self.settle(id, attempt, &mut failures) {
+                    return joined;
+                }
+            }
+            return Joined::Failed(failures);
+        }
         let mut pending = candidates.into_iter();
         let mut attempts = JoinSet::new();
-        let mut failures = Vec::new();
         let mut next_start = tokio::time::Instant::now();
         loop {
             let may_start = attempts.len() < settings.race_candidates && pending.len() > 0;
@@ -336,12 +361,7 @@ impl Proxy {
                 next_start = tokio::time::Instant::now() + settings.race_delay;
                 continue;
             }
-            let Attempt {
-                replica,
-                slot,
-                started,
-                result,
-            } = tokio::select! {
+            let attempt = tokio::select! {
                 joined = attempts.join_next() => match joined {
                     None => return Joined::Failed(failures),
                     Some(Ok(attempt)) => attempt,
@@ -352,32 +372,46 @@ impl Proxy {
                 },
                 () = tokio::time::sleep_until(next_start), if may_start => continue,
             };
-            match result {
-                Ok(upstream) => {
-                    self.stats.handshake_seconds.observe(started.elapsed());
+            match self.settle(id, attempt, &mut failures) {
+                Some(joined) => {
                     self.dismiss_attempts(id, attempts);
-                    return Joined::Won(replica, slot, upstream);
+                    return joined;
                 }
-                Err(UpstreamError::Refused(status)) => {
-                    self.dismiss_attempts(id, attempts);
-                    return Joined::Refused(replica, status);
-                }
-                Err(error) => {
-                    drop(slot);
-                    tracing::warn!(session = id, replica = %replica.name, %error, "upstream connect failed; trying the next replica");
-                    replica.count_connect_failure();
-                    // Passive health: a failed connect counts like a failed probe.
-                    self.registry.observe(
-                        &replica,
-                        Observation::Failure {
-                            error: error.to_string(),
-                            latency: None,
-                        },
-                    );
-                    failures.push(format!("{}: {error}", replica.name));
-                    // A failure lets the next candidate start at once.
-                    next_start = tokio::time::Instant::now();
-                }
+                // A failure lets the next candidate start at once.
+                None => next_start = tokio::time::Instant::now(),
+            }
+        }
+    }
+
+    /// The outcome of one finished attempt: a session (or the replica's refusal) ends the
+    /// join; a failure is recorded against the replica's health and the join goes on.
+    fn settle(&self, id: u64, attempt: Attempt, failures: &mut Vec<String>) -> Option<Joined> {
+        let Attempt {
+            replica,
+            slot,
+            started,
+            result,
+        } = attempt;
+        match result {
+            Ok(upstream) => {
+                self.stats.handshake_seconds.observe(started.elapsed());
+                Some(Joined::Won(replica, slot, upstream))
+            }
+            Err(UpstreamError::Refused(status)) => Some(Joined::Refused(replica, status)),
+            Err(error) => {
+                drop(slot);
+                tracing::warn!(session = id, replica = %replica.name, %error, "upstream connect failed; trying the next replica");
+                replica.count_connect_failure();
+                // Passive health: a failed connect counts like a failed probe.
+                self.registry.observe(
+                    &replica,
+                    Observation::Failure {
+                        error: error.to_string(),
+                        latency: None,
+                    },
+                );
+                failures.push(format!("{}: {error}", replica.name));
+                None
             }
         }
     }
@@ -492,8 +526,11 @@ impl Proxy {
         drop(settings);
         async move {
             let unhealthy = async {
+                // Boxed, like the lifetime timer: only sessions that use it pay for its room.
                 let turned = match status.as_mut() {
-                    Some(status) => status.wait_for(|s| *s == Status::Unhealthy).await.is_ok(),
+                    Some(status) => Box::pin(status.wait_for(|s| *s == Status::Unhealthy))
+                        .await
+                        .is_ok(),
                     None => false,
                 };
                 if !turned {
@@ -502,7 +539,7 @@ impl Proxy {
             };
             let expired = async {
                 match lifetime {
-                    Some(lifetime) => tokio::time::sleep(lifetime).await,
+                    Some(lifetime) => Box::pin(tokio::time::sleep(lifetime)).await,
                     None => std::future::pending().await,
                 }
             };
@@ -525,14 +562,15 @@ impl Proxy {
         self: Arc<Self>,
         session: Session,
         upgrade: hyper::upgrade::OnUpgrade,
-        upstream: Upstream,
+        upstream: TcpStream,
+        upstream_leftover: Bytes,
     ) {
         let Some(client) = ClientSocket::upgrade(upgrade).await else {
             return;
         };
         let (mut client_read, mut client_write) = client.into_halves();
-        let (upstream_read, upstream_write) = upstream.stream.into_split();
-        let mut upstream_read = Prefixed::new(upstream.leftover, upstream_read);
+        let (upstream_read, upstream_write) = upstream.into_split();
+        let mut upstream_read = Prefixed::new(upstream_leftover, upstream_read);
         let mut upstream_write = Coalescing::new(upstream_write);
         let settings = self.settings.load_full();
         let end = {
@@ -549,7 +587,8 @@ impl Proxy {
                 &mut uw,
                 limits,
                 settings.keepalive,
-                self.stop_signal(&session.replica),
+                // Boxed: the session future then holds it once, not as argument and local.
+                Box::pin(self.stop_signal(&session.replica)),
                 &self.stats.traffic,
             )
             .await
@@ -659,10 +698,12 @@ impl ClientSocket {
 /// bytes do not turn our close into a reset that could destroy the close frame in flight.
 async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: Coalescing<OwnedWriteHalf>) {
     let _ = write.shutdown().await;
-    let mut sink = [0u8; 4096];
+    // On the heap, not in the session's future: that would make every session 4 KiB larger.
+    let mut sink = Vec::with_capacity(4096);
     let linger = async {
         loop {
-            match tokio::io::AsyncReadExt::read(&mut read, &mut sink).await {
+            sink.clear();
+            match tokio::io::AsyncReadExt::read_buf(&mut read, &mut sink).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }

@@ -9,12 +9,13 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::task::Poll;
 use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::framing::{is_unmasked_frame, Tracked};
@@ -36,8 +37,7 @@ pub struct CloseOrder {
     pub close: Option<(u16, String)>,
 }
 
-/// What the bridge can tell a pump while it forwards. Close orders are boxed: the inbox
-/// allocates a block of slots per session, and small slots keep idle sessions light.
+/// What the bridge can tell a pump while it forwards.
 #[derive(Debug)]
 pub enum Order {
     /// Send a keepalive ping to the sink's peer.
@@ -62,9 +62,69 @@ pub mod heard {
     pub const FORWARDED: u8 = 2;
 }
 
+/// A pump's order inbox: one slot per kind of order, held inside the session (a channel
+/// would cost every session two heap blocks of slots). The bridge posts at most one close
+/// order per pump; pings between are merged.
+#[derive(Default)]
+pub struct Inbox {
+    pending: Mutex<Pending>,
+    posted: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    ping: bool,
+    close_after_source: Option<Box<CloseOrder>>,
+    close: Option<Box<CloseOrder>>,
+}
+
+impl Inbox {
+    /// Leave an order for the pump. A second close order of the same kind is dropped: the
+    /// first one decides how the pump ends.
+    pub fn post(&self, order: Order) {
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match order {
+                Order::Ping => pending.ping = true,
+                Order::CloseAfterSource(order) => {
+                    pending.close_after_source.get_or_insert(order);
+                }
+                Order::Close(order) => {
+                    pending.close.get_or_insert(order);
+                }
+            }
+        }
+        self.posted.notify_one();
+    }
+
+    /// An order that has already arrived, if any (never waits). Close orders come first: a
+    /// ping is moot once the pump is closing.
+    fn take(&self) -> Option<Order> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(order) = pending.close_after_source.take() {
+            return Some(Order::CloseAfterSource(order));
+        }
+        if let Some(order) = pending.close.take() {
+            return Some(Order::Close(order));
+        }
+        std::mem::take(&mut pending.ping).then_some(Order::Ping)
+    }
+
+    /// The next order. Cancel-safe: an order is only taken out when it is returned.
+    async fn next(&self) -> Order {
+        loop {
+            // A post between `take` and the wait leaves a permit, so it is not missed.
+            if let Some(order) = self.take() {
+                return order;
+            }
+            self.posted.notified().await;
+        }
+    }
+}
+
 /// What a pump shares with the bridge.
 pub struct Link<'a> {
-    pub orders: mpsc::Receiver<Order>,
+    pub orders: &'a Inbox,
     pub stats: &'a DirectionStats,
     pub heard: &'a AtomicU8,
 }
@@ -277,7 +337,7 @@ pub async fn pump<S, W>(
     source: &mut S,
     sink: &mut WebSocketWrite<W>,
     direction: Direction,
-    mut link: Link<'_>,
+    link: Link<'_>,
     close_timeout: Duration,
     max_frame_bytes: usize,
 ) -> PumpEnd
@@ -289,7 +349,7 @@ where
         direction,
         stats: link.stats,
         heard: link.heard,
-        orders: Orders::new(&mut link.orders),
+        orders: link.orders,
         closing: None,
         close_timeout,
         counted: Counted::default(),
@@ -311,10 +371,10 @@ struct PumpState<'a> {
     direction: Direction,
     stats: &'a DirectionStats,
     heard: &'a AtomicU8,
-    orders: Orders<'a>,
+    orders: &'a Inbox,
     /// Set by [`Order::CloseAfterSource`]: what to write instead of the source's Close, and
     /// until when to wait for it.
-    closing: Option<(CloseOrder, Instant)>,
+    closing: Option<(Box<CloseOrder>, Instant)>,
     close_timeout: Duration,
     counted: Counted,
 }
@@ -324,7 +384,7 @@ impl PumpState<'_> {
         self.closing.as_ref().map(|(_, deadline)| *deadline)
     }
 
-    fn close_after_source(&mut self, order: CloseOrder) {
+    fn close_after_source(&mut self, order: Box<CloseOrder>) {
         self.closing = Some((order, Instant::now() + self.close_timeout));
     }
 }
@@ -370,19 +430,24 @@ where
             match wake {
                 // A read error shows up on the next read.
                 Wake::Readable => break,
-                Wake::Deadline => return close_instead(sink, state.closing.take()).await,
+                // The closing steps are boxed so a parked pump does not carry their space.
+                Wake::Deadline => return Box::pin(close_instead(sink, state.closing.take())).await,
                 Wake::Order(Order::Ping) => {
                     let sent = sink.write_frame(keepalive_ping()).await;
                     if let Err(e) = sent.and(sink.flush().await) {
                         return PumpEnd::SinkFailed(e.to_string());
                     }
                 }
-                Wake::Order(Order::CloseAfterSource(order)) => state.close_after_source(*order),
+                Wake::Order(Order::CloseAfterSource(order)) => state.close_after_source(order),
                 Wake::Order(Order::Close(order)) => {
-                    write_order(sink, *order).await;
-                    let tracked = Tracked::new(&mut *source, require_mask, &at_boundary);
-                    let mut frames = reader(tracked, state.direction, max_frame_bytes);
-                    drain_until_close(&mut frames, Instant::now() + state.close_timeout).await;
+                    let close_timeout = state.close_timeout;
+                    Box::pin(async {
+                        write_order(sink, *order).await;
+                        let tracked = Tracked::new(&mut *source, require_mask, &at_boundary);
+                        let mut frames = reader(tracked, state.direction, max_frame_bytes);
+                        drain_until_close(&mut frames, Instant::now() + close_timeout).await;
+                    })
+                    .await;
                     return PumpEnd::Ordered;
                 }
             }
@@ -409,7 +474,7 @@ where
     loop {
         // Between frames no read is in flight, so an order can be carried out here at no risk;
         // this is what stops a source that never pauses (a replica streaming non-stop).
-        while let Some(order) = state.orders.ready() {
+        while let Some(order) = state.orders.take() {
             match order {
                 Order::Ping => {
                     if let Err(e) = sink.write_frame(keepalive_ping()).await {
@@ -421,7 +486,7 @@ where
                     drain_until_close(source, Instant::now() + close_timeout).await;
                     return Some(PumpEnd::Ordered);
                 }
-                Order::CloseAfterSource(received) => state.close_after_source(*received),
+                Order::CloseAfterSource(received) => state.close_after_source(received),
             }
         }
         if let Some(deadline) = state.closing_deadline() {
@@ -465,7 +530,7 @@ where
                                     let deadline = Instant::now() + close_timeout;
                                     break Step::Ordered(tokio::time::timeout_at(deadline, &mut read).await, deadline);
                                 }
-                                Order::CloseAfterSource(received) => state.close_after_source(*received),
+                                Order::CloseAfterSource(received) => state.close_after_source(received),
                             },
                             _ = until(deadline) => {
                                 return Some(close_instead(sink, state.closing.take()).await);
@@ -531,10 +596,10 @@ async fn source_failed<W: AsyncWrite + Unpin>(
     sink: &mut WebSocketWrite<W>,
     direction: Direction,
     error: WebSocketError,
-    closing: Option<(CloseOrder, Instant)>,
+    closing: Option<(Box<CloseOrder>, Instant)>,
 ) -> PumpEnd {
     let notice = match closing {
-        Some((order, _)) => order,
+        Some((order, _)) => *order,
         None => failure_notice(direction, &error),
     };
     write_order(sink, notice).await;
@@ -547,10 +612,10 @@ async fn source_failed<W: AsyncWrite + Unpin>(
 /// End a [`Order::CloseAfterSource`]: write the promised close to the sink.
 async fn close_instead<W: AsyncWrite + Unpin>(
     sink: &mut WebSocketWrite<W>,
-    closing: Option<(CloseOrder, Instant)>,
+    closing: Option<(Box<CloseOrder>, Instant)>,
 ) -> PumpEnd {
     if let Some((order, _)) = closing {
-        write_order(sink, order).await;
+        write_order(sink, *order).await;
     }
     PumpEnd::Ordered
 }
@@ -558,7 +623,8 @@ async fn close_instead<W: AsyncWrite + Unpin>(
 /// Sleep until `deadline`; forever without one.
 async fn until(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        // Boxed: a timer is 112 bytes, and most waits have no deadline.
+        Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
         None => std::future::pending().await,
     }
 }
@@ -570,40 +636,6 @@ fn keepalive_ping() -> Frame<'static> {
         None,
         Payload::Borrowed(KEEPALIVE_PAYLOAD),
     )
-}
-
-/// A pump's order inbox; once the bridge has hung up it simply never yields again.
-struct Orders<'a> {
-    inbox: Option<&'a mut mpsc::Receiver<Order>>,
-}
-
-impl<'a> Orders<'a> {
-    fn new(inbox: &'a mut mpsc::Receiver<Order>) -> Self {
-        Orders { inbox: Some(inbox) }
-    }
-
-    /// An order that has already arrived, if any (never waits).
-    fn ready(&mut self) -> Option<Order> {
-        match self.inbox.as_mut()?.try_recv() {
-            Ok(order) => Some(order),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => {
-                self.inbox = None;
-                None
-            }
-        }
-    }
-
-    /// The next order; pending forever once the bridge has hung up. Cancel-safe.
-    async fn next(&mut self) -> Order {
-        if let Some(inbox) = self.inbox.as_mut() {
-            if let Some(order) = inbox.recv().await {
-                return order;
-            }
-            self.inbox = None;
-        }
-        std::future::pending().await
-    }
 }
 
 /// How a whole session ended, for logs and counters.
@@ -721,28 +753,35 @@ enum Look {
 /// Keepalive bookkeeping, run on a timer tick.
 struct Watch {
     config: Keepalive,
+    ticks: tokio::time::Interval,
     forwarded_at: Instant,
     /// Indexed by the direction of the pump that reads the side: [client, replica].
     sides: [Liveness; 2],
 }
 
 impl Watch {
-    fn new(config: Keepalive, now: Instant) -> Watch {
+    /// The bookkeeping for `config`; none when it asks for no keepalive. Boxed, so sessions
+    /// without keepalive do not carry its room.
+    fn new(config: Keepalive, now: Instant) -> Option<Box<Watch>> {
+        let period = Watch::period(&config)?;
+        let mut ticks = tokio::time::interval_at(now + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let side = || Liveness {
             heard_at: now,
             pinged_at: None,
         };
-        Watch {
+        Some(Box::new(Watch {
             config,
+            ticks,
             forwarded_at: now,
             sides: [side(), side()],
-        }
+        }))
     }
 
     /// How often to look: a quarter of the idle timeout bounds how late it fires.
-    fn period(&self) -> Option<Duration> {
-        let idle = self.config.idle_timeout.map(|t| t / 4);
-        match (self.config.ping_interval, idle) {
+    fn period(config: &Keepalive) -> Option<Duration> {
+        let idle = config.idle_timeout.map(|t| t / 4);
+        match (config.ping_interval, idle) {
             (Some(p), Some(i)) => Some(p.min(i)),
             (p, i) => p.or(i),
         }
@@ -812,7 +851,7 @@ pub async fn bridge<CS, CW, US, UW>(
     upstream_write: &mut WebSocketWrite<UW>,
     limits: SessionLimits,
     keepalive: Keepalive,
-    stop: impl Future<Output = Stop>,
+    mut stop: impl Future<Output = Stop> + Unpin,
     traffic: &Traffic,
 ) -> SessionEnd
 where
@@ -825,8 +864,7 @@ where
         close_timeout,
         max_frame_bytes,
     } = limits;
-    let (order_up_tx, order_up_rx) = mpsc::channel(4);
-    let (order_down_tx, order_down_rx) = mpsc::channel(4);
+    let (to_up, to_down) = (Inbox::default(), Inbox::default());
     let heard_from_client = AtomicU8::new(0);
     let heard_from_upstream = AtomicU8::new(0);
     let up = pump(
@@ -834,7 +872,7 @@ where
         upstream_write,
         Direction::ToUpstream,
         Link {
-            orders: order_up_rx,
+            orders: &to_up,
             stats: &traffic.to_upstream,
             heard: &heard_from_client,
         },
@@ -846,23 +884,18 @@ where
         client_write,
         Direction::ToClient,
         Link {
-            orders: order_down_rx,
+            orders: &to_down,
             stats: &traffic.to_client,
             heard: &heard_from_upstream,
         },
         close_timeout,
         max_frame_bytes,
     );
-    tokio::pin!(up, down, stop);
+    tokio::pin!(up, down);
 
     // Bound on waiting for the other pump once one has ended: its own drain deadline plus slack.
     let within = close_timeout + Duration::from_secs(1);
     let mut watch = Watch::new(keepalive, Instant::now());
-    let mut ticks = watch.period().map(|period| {
-        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks
-    });
 
     let stop = loop {
         tokio::select! {
@@ -873,7 +906,7 @@ where
                     // A client that broke the protocol first gets what its replica already sent
                     // (the replica was just told 1001), then its close code.
                     PumpEnd::SourceFailed { owed_close: Some(code), .. } => {
-                        let _ = order_down_tx.try_send(Order::CloseAfterSource(Box::new(CloseOrder {
+                        to_down.post(Order::CloseAfterSource(Box::new(CloseOrder {
                             error_json: None,
                             close: Some((*code, "protocol error".into())),
                         })));
@@ -887,9 +920,11 @@ where
                     PumpEnd::Ordered => None,
                 };
                 if let Some(order) = order {
-                    let _ = order_down_tx.try_send(Order::Close(Box::new(order)));
+                    to_down.post(Order::Close(Box::new(order)));
                 }
-                let client = finish(&mut down, within).await;
+                // The ending steps are boxed: the session future then only needs room for
+                // the running state, which is what every open session holds.
+                let client = Box::pin(finish(&mut down, within)).await;
                 return SessionEnd { upstream: end, client, stopped: None };
             }
             end = &mut down => {
@@ -906,35 +941,30 @@ where
                     PumpEnd::Ordered => None,
                 };
                 if let Some(order) = order {
-                    let _ = order_up_tx.try_send(Order::Close(Box::new(order)));
+                    to_up.post(Order::Close(Box::new(order)));
                 }
-                let upstream = finish(&mut up, within).await;
+                let upstream = Box::pin(finish(&mut up, within)).await;
                 return SessionEnd { upstream, client: end, stopped: None };
             }
             stop = &mut stop => break stop,
-            _ = tick(&mut ticks) => {
+            watch = tick(&mut watch) => {
                 match watch.look([&heard_from_client, &heard_from_upstream], Instant::now()) {
                     Look::Ping(pings) => for pump in pings {
                         let inbox = match pump {
-                            Direction::ToClient => &order_down_tx,
-                            Direction::ToUpstream => &order_up_tx,
+                            Direction::ToClient => &to_down,
+                            Direction::ToUpstream => &to_up,
                         };
-                        // A full inbox means orders are already queued; a ping can wait a tick.
-                        let _ = inbox.try_send(Order::Ping);
+                        inbox.post(Order::Ping);
                     },
                     Look::End(stop) => break stop,
                 }
             }
         }
     };
-    // Close orders are the first and only ones that matter now: wait for room if need be.
-    let _ = order_up_tx
-        .send(Order::Close(Box::new(stop.to_upstream)))
-        .await;
-    let _ = order_down_tx
-        .send(Order::Close(Box::new(stop.to_client)))
-        .await;
-    let (upstream, client) = tokio::join!(finish(&mut up, within), finish(&mut down, within));
+    to_up.post(Order::Close(Box::new(stop.to_upstream)));
+    to_down.post(Order::Close(Box::new(stop.to_client)));
+    let (upstream, client) =
+        Box::pin(async { tokio::join!(finish(&mut up, within), finish(&mut down, within)) }).await;
     SessionEnd {
         upstream,
         client,
@@ -943,10 +973,11 @@ where
 }
 
 /// The next keepalive tick; never, without keepalive.
-async fn tick(ticks: &mut Option<tokio::time::Interval>) {
-    match ticks {
-        Some(ticks) => {
-            ticks.tick().await;
+async fn tick(watch: &mut Option<Box<Watch>>) -> &mut Watch {
+    match watch {
+        Some(watch) => {
+            watch.ticks.tick().await;
+            watch
         }
         None => std::future::pending().await,
     }
@@ -997,6 +1028,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn inbox_gives_close_orders_first_and_keeps_the_first_of_each() {
+        let close = |code| {
+            Box::new(CloseOrder {
+                error_json: None,
+                close: Some((code, String::new())),
+            })
+        };
+        let code = |order: Option<Order>| match order {
+            Some(Order::Close(o)) | Some(Order::CloseAfterSource(o)) => o.close.unwrap().0,
+            Some(Order::Ping) => 0,
+            None => 1,
+        };
+        let inbox = Inbox::default();
+        assert_eq!(code(inbox.take()), 1, "empty");
+        inbox.post(Order::Ping);
+        inbox.post(Order::Ping);
+        inbox.post(Order::Close(close(1001)));
+        inbox.post(Order::Close(close(1011)));
+        inbox.post(Order::CloseAfterSource(close(1002)));
+        assert_eq!(code(inbox.take()), 1002);
+        assert_eq!(code(inbox.take()), 1001, "the first close order stands");
+        assert_eq!(code(inbox.take()), 0, "two pings merge into one");
+        assert_eq!(code(inbox.take()), 1, "empty again");
+
+        // A pump already waiting is woken by a post.
+        let mut waiting = std::pin::pin!(inbox.next());
+        let first = std::future::poll_fn(|cx| Poll::Ready(waiting.as_mut().poll(cx))).await;
+        assert!(first.is_pending());
+        inbox.post(Order::Close(close(1000)));
+        let order = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(code(order.ok()), 1000);
+    }
+
+    #[tokio::test]
     async fn an_order_is_carried_out_even_when_the_source_never_pauses() {
         // Unmasked binary frames, as a replica sends them; 4 MB of them, then EOF.
         let mut source = NeverPausing {
@@ -1005,16 +1070,15 @@ mod tests {
             left: 4 << 20,
         };
         let mut sink = writer(Vec::<u8>::new(), Role::Server);
-        let (tx, rx) = mpsc::channel(1);
-        tx.try_send(Order::Close(Box::new(CloseOrder {
+        let inbox = Inbox::default();
+        inbox.post(Order::Close(Box::new(CloseOrder {
             error_json: None,
             close: Some((1001, "router shutting down".into())),
-        })))
-        .unwrap();
+        })));
         let stats = DirectionStats::default();
         let heard = AtomicU8::new(0);
         let link = Link {
-            orders: rx,
+            orders: &inbox,
             stats: &stats,
             heard: &heard,
         };

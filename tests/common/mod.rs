@@ -255,6 +255,11 @@ pub enum RawMode {
     Hangup,
     /// Complete the handshake, then read everything and never write (not even pongs).
     Mute,
+    /// Answer with this head (`{accept}` replaced by the right Sec-WebSocket-Accept) and
+    /// these bytes in one write, then keep the connection open without writing more.
+    Answer(&'static str, &'static [u8]),
+    /// Like `Answer`, but one byte per write with a pause between them.
+    Dribble(&'static str, &'static [u8]),
 }
 
 /// The `Sec-WebSocket-Accept` answering the key in a raw request head.
@@ -297,6 +302,25 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                 }
                 let response = match mode {
                     RawMode::Silent | RawMode::Hangup => unreachable!(),
+                    RawMode::Answer(head, then) => {
+                        let mut answer = head.replace("{accept}", &accept).into_bytes();
+                        answer.extend_from_slice(then);
+                        if stream.write_all(&answer).await.is_ok() {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        return;
+                    }
+                    RawMode::Dribble(head, then) => {
+                        let head = head.replace("{accept}", &accept);
+                        for &byte in head.as_bytes().iter().chain(then) {
+                            if stream.write_all(&[byte]).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        return;
+                    }
                     RawMode::Status(code) => format!("HTTP/1.1 {code} Nope\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
                     RawMode::WrongAccept => "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n".to_string(),
                     RawMode::Stream | RawMode::Mute => format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"),
