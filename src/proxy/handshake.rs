@@ -25,14 +25,21 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
 }
 
+/// Whether comma-separated header values contain a token `matches` accepts.
+fn has_token<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+    mut matches: impl FnMut(&str) -> bool,
+) -> bool {
+    values
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| matches(t.trim()))
+}
+
 /// Whether a comma-separated header contains `token` (case-insensitive), in any of its values.
 fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    let values = headers.get_all(name).into_iter().map(|v| v.as_bytes());
+    has_token(values, |t| t.eq_ignore_ascii_case(token))
 }
 
 /// Why a client's upgrade request was refused, with the HTTP status it earns.
@@ -293,13 +300,8 @@ fn check_response(
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
-    let has_token = |name: &'static str, token: &str| {
-        named(name)
-            .filter_map(|v| std::str::from_utf8(v).ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+    let named_has = |name, token: &str| has_token(named(name), |t| t.eq_ignore_ascii_case(token));
+    if !named_has("upgrade", "websocket") || !named_has("connection", "upgrade") {
         return Err(handshake_error(
             "101 without Upgrade: websocket / Connection: upgrade",
         ));
@@ -316,13 +318,10 @@ fn check_response(
     let mut kept = HeaderMap::new();
     if let Some(chosen) = named("sec-websocket-protocol").next() {
         let chosen_str = std::str::from_utf8(chosen).unwrap_or("").trim();
-        let was_offered = client
-            .headers
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|p| p.trim() == chosen_str);
+        let offered = client.headers.get_all(header::SEC_WEBSOCKET_PROTOCOL);
+        let was_offered = has_token(offered.into_iter().map(|v| v.as_bytes()), |p| {
+            p == chosen_str
+        });
         if !was_offered {
             return Err(handshake_error(format!(
                 "replica chose subprotocol {chosen_str:?}, which the client did not offer"
