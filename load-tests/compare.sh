@@ -62,6 +62,7 @@ cat > "$WORK/wsrouter.toml" <<CONF
 [listen]
 host = "127.0.0.1"
 port = ${PORT[wsrouter]}
+workers = 1
 [limits]
 max_sessions = 60000
 [[replicas]]
@@ -70,7 +71,7 @@ primary = true
 [[replicas]]
 url = "http://127.0.0.1:${REPLICA_PORTS[1]}"
 CONF
-TOKIO_WORKER_THREADS=1 RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
+RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
 WSROUTER_PID=$!
 PIDS+=($WSROUTER_PID)
 

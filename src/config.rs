@@ -117,6 +117,9 @@ pub enum StickyKey {
 pub struct Listen {
     pub host: String,
     pub port: u16,
+    /// Worker threads, each running its own event loop and accepting from the shared
+    /// listener; `None` means one per CPU core.
+    pub workers: Option<usize>,
 }
 
 impl Default for Listen {
@@ -124,6 +127,7 @@ impl Default for Listen {
         Listen {
             host: "0.0.0.0".into(),
             port: 9000,
+            workers: None,
         }
     }
 }
@@ -234,6 +238,14 @@ impl Config {
                 format!("{:?} is not an IP address", self.listen.host),
             )
         })?;
+        if let Some(workers) = self.listen.workers {
+            if !(1..=MAX_WORKERS).contains(&workers) {
+                return Err(invalid(
+                    "listen.workers",
+                    format!("must be between 1 and {MAX_WORKERS}, got {workers}"),
+                ));
+            }
+        }
 
         let hc = &self.health_check;
         if !hc.path.starts_with('/') {
@@ -388,11 +400,21 @@ impl Config {
         Ok(())
     }
 
+    /// Worker threads to run: `listen.workers`, or one per CPU core.
+    pub fn workers(&self) -> usize {
+        self.listen.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         let ip: IpAddr = self.listen.host.parse().expect("validated at load");
         SocketAddr::new(ip, self.listen.port)
     }
 }
+
+/// More threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 fn positive_seconds(key: &str, value: f64) -> Result<(), ConfigError> {
     // Upper bound keeps Duration::from_secs_f64 from panicking and catches unit mistakes.
@@ -510,6 +532,7 @@ mod tests {
             err("[[replicas]]\nurl = \"http://a\"\nweight = 0\n").contains("replicas[0].weight")
         );
         assert!(err(&format!("[listen]\nhost = \"example.com\"\n{ONE}")).contains("listen.host"));
+        assert!(err(&format!("[listen]\nworkers = 0\n{ONE}")).contains("listen.workers"));
         assert!(err("[[replicas]]\nurl = \"http://a\"\nmax_sessions = 0\n")
             .contains("replicas[0].max_sessions"));
         let e = err(&format!(

@@ -45,7 +45,8 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Worker 0's event loop; the router starts the other workers' threads itself.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Demo { port }) => on_workers(&runtime, demo(port)),
+        Some(Command::Demo { port }) => runtime.block_on(demo(port)),
         None => {
             let Some(path) = cli.config else {
                 eprintln!("wsrouter: --config FILE is required (or try `wsrouter demo`)");
@@ -83,21 +84,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            on_workers(&runtime, run(config, path))
+            runtime.block_on(run(config, path))
         }
     }
-}
-
-/// Run `main_task` on the runtime's worker threads rather than on the thread that blocks on
-/// it: the accept loop then spawns sessions onto its own thread instead of waking a worker
-/// (a futex call and a context switch) for every connection.
-fn on_workers(
-    runtime: &tokio::runtime::Runtime,
-    main_task: impl std::future::Future<Output = ExitCode> + Send + 'static,
-) -> ExitCode {
-    runtime
-        .block_on(runtime.spawn(main_task))
-        .expect("the main task does not panic")
 }
 
 async fn bind(config: Config) -> Option<Router> {

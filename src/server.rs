@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::config::{seconds, Config, ConfigError};
@@ -16,7 +16,9 @@ use crate::proxy::Proxy;
 use crate::registry::{Changes, Registry};
 
 pub struct Router {
-    listener: TcpListener,
+    /// Non-blocking; every worker registers its own handle to it with its event loop.
+    listener: std::net::TcpListener,
+    workers: usize,
     registry: Arc<Registry>,
     proxy: Arc<Proxy>,
     probe: Arc<dyn Probe>,
@@ -42,12 +44,14 @@ impl Router {
 
     /// Bind the listener with a custom probe (tests drive health through it).
     pub async fn bind_with_probe(config: Config, probe: Arc<dyn Probe>) -> io::Result<Router> {
-        let listener = TcpListener::bind(config.listen_addr()).await?;
+        let listener = listen(config.listen_addr())?;
+        let workers = config.workers();
         let registry = Arc::new(Registry::new(&config));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let proxy = Arc::new(Proxy::new(registry.clone(), &config, shutdown_rx));
         Ok(Router {
             listener,
+            workers,
             registry,
             proxy,
             probe,
@@ -75,25 +79,25 @@ impl Router {
 
     /// Serve until `shutdown` resolves; then stop accepting, send 1001 to both sides of every
     /// session, and return once they are closed or the drain timeout has passed.
+    ///
+    /// The calling runtime is worker 0: it accepts, serves sessions and runs the health loop.
+    /// Each further worker is a thread with its own single-threaded runtime accepting from the
+    /// same listener, so a session lives on one thread from accept to close. Dropping this
+    /// future stops every worker and drops its sessions.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
         let health = tokio::spawn(health::run(self.registry.clone(), self.probe.clone()));
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(self.proxy.clone().serve_connection(stream, peer));
-                    }
-                    Err(error) => {
-                        // Typically EMFILE under a flood: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                () = &mut shutdown => break,
+        // Workers run until this is dropped: when serve returns or its future is dropped.
+        let (_workers_alive, workers_stop) = watch::channel(());
+        for index in 1..self.workers {
+            if let Err(error) = self.spawn_worker(index, workers_stop.clone()) {
+                tracing::error!(%error, index, "cannot start worker thread; serving with fewer");
+                break;
             }
         }
-        drop(self.listener);
+        match TcpListener::from_std(self.listener) {
+            Ok(listener) => accept_until(listener, self.proxy.clone(), shutdown).await,
+            Err(error) => tracing::error!(%error, "cannot register the listener; not accepting"),
+        }
         let open = self.proxy.active_sessions();
         tracing::info!(sessions = open, "shutting down: closing sessions with 1001");
         let _ = self.shutdown.send(true);
@@ -106,6 +110,74 @@ impl Router {
         };
         health.abort();
         drain
+    }
+
+    /// Start worker thread `index`: it accepts until shutdown is signalled, keeps serving its
+    /// sessions while they drain, and drops them when `alive` closes.
+    fn spawn_worker(&self, index: usize, mut alive: watch::Receiver<()>) -> io::Result<()> {
+        let listener = self.listener.try_clone()?;
+        let proxy = self.proxy.clone();
+        let mut shutdown = self.shutdown.subscribe();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("wsrouter-worker-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let stopped = async {
+                        let _ = shutdown.wait_for(|stopping| *stopping).await;
+                    };
+                    let serve = async {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => accept_until(listener, proxy, stopped).await,
+                            Err(error) => {
+                                tracing::error!(%error, index, "cannot register the listener")
+                            }
+                        }
+                        std::future::pending::<()>().await
+                    };
+                    tokio::select! {
+                        () = serve => {}
+                        _ = alive.changed() => {}
+                    }
+                });
+            })?;
+        Ok(())
+    }
+}
+
+/// How many connections may wait for accept(2); the kernel caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
+}
+
+/// Accept connections and spawn a task for each on this thread until `stop` resolves.
+async fn accept_until(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(proxy.clone().serve_connection(stream, peer));
+                }
+                Err(error) => {
+                    // Typically EMFILE under a flood: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut stop => break,
+        }
     }
 }
 
@@ -124,7 +196,9 @@ impl Reloader {
     pub fn apply(&self, config: Config) -> Changes {
         let mut running = self.running.lock().unwrap();
         if config.listen != running.listen {
-            tracing::warn!("listen address changed in the config; it takes effect on restart");
+            tracing::warn!(
+                "[listen] (address or workers) changed in the config; it takes effect on restart"
+            );
         }
         if config.limits.max_sessions != running.limits.max_sessions {
             tracing::warn!(
