@@ -422,7 +422,9 @@ where
         // Parked: the reader and its buffer are gone. Wait for bytes, an order or the deadline.
         loop {
             let deadline = state.closing_deadline();
+            // Biased: no random draw per wake; orders are also checked between frames.
             let wake = tokio::select! {
+                biased;
                 _ = source.readable() => Wake::Readable,
                 order = state.orders.next() => Wake::Order(order),
                 _ = until(deadline) => Wake::Deadline,
@@ -517,6 +519,7 @@ where
                     loop {
                         let deadline = state.closing_deadline();
                         tokio::select! {
+                            biased;
                             result = &mut read => break Step::Read(result),
                             order = state.orders.next() => match order {
                                 Order::Ping => {
