@@ -113,7 +113,7 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
 const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 async fn serve(router: Router) -> ExitCode {
-    tracing::info!(addr = %router.local_addr(), "wsrouter listening");
+    tracing::info!(addr = %router.local_addr(), workers = router.workers(), "wsrouter listening");
     match router.serve(shutdown_signal()).await {
         Drain::Complete => ExitCode::SUCCESS,
         Drain::TimedOut { sessions_left } => {

@@ -64,6 +64,11 @@ impl Router {
         self.listener.local_addr().expect("bound listener")
     }
 
+    /// Worker threads `serve` runs, worker 0 included.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
     }
