@@ -157,9 +157,7 @@ async fn a_request_head_dribbled_byte_by_byte_is_cut_at_the_header_timeout() {
     use tokio::io::AsyncReadExt;
     let (_replica, router) = single_echo("[limits]\nheader_read_timeout_seconds = 0.5\n").await;
     let mut stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
-    let head =
-        b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let head = UPGRADE_REQUEST;
     let started = std::time::Instant::now();
     // One byte every 50 ms: the whole head would take about 8 s; each byte alone is prompt.
     let cut = bounded("the router to cut the dribble", async {

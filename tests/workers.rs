@@ -50,12 +50,7 @@ async fn a_blocked_worker_does_not_stop_the_others_from_serving() {
     // and serve this session.
     let mut stream = std::net::TcpStream::connect(router.addr).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream
-        .write_all(
-            b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .unwrap();
+    stream.write_all(UPGRADE_REQUEST).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {

@@ -407,17 +407,16 @@ pub async fn single_echo(extra: &str) -> (wsrouter::echo::EchoReplica, TestRoute
     (replica, router)
 }
 
+/// A valid client upgrade request head for /v1/stream, as raw bytes.
+pub const UPGRADE_REQUEST: &[u8] =
+    b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+      Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
 /// A WebSocket client on a bare TCP stream, for frames no conforming client would send.
 pub async fn raw_upgrade(addr: SocketAddr) -> TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    stream.write_all(UPGRADE_REQUEST).await.unwrap();
     // Byte by byte, so nothing past the response head is consumed.
     let mut head = Vec::new();
     bounded("101 response", async {
