@@ -86,6 +86,10 @@ enum Mode {
         connections: usize,
         #[arg(long, default_value_t = 3.0)]
         hold: f64,
+        /// Before going idle, each session echoes one message of this many bytes (0: none), so
+        /// the figure includes whatever a proxy keeps from traffic a session once carried.
+        #[arg(long, default_value_t = 0)]
+        warm_bytes: usize,
         /// Process ids whose RSS is summed (e.g. the proxy and its workers).
         #[arg(long = "pid")]
         pids: Vec<u32>,
@@ -127,8 +131,9 @@ fn main() {
                 target,
                 connections,
                 hold,
+                warm_bytes,
                 pids,
-            } => idle(target, connections, hold, pids).await,
+            } => idle(target, connections, hold, warm_bytes, pids).await,
             Mode::Replica { port, max_seconds } => replica(port, max_seconds).await,
         }
     });
@@ -464,6 +469,7 @@ async fn idle(
     target: Target,
     connections: usize,
     hold: f64,
+    warm_bytes: usize,
     pids: Vec<u32>,
 ) -> Result<Option<String>, String> {
     let (addr, path) = loopback_target(&target.url)?;
@@ -474,7 +480,29 @@ async fn idle(
     for chunk_start in (0..connections).step_by(100) {
         let batch = (chunk_start..connections.min(chunk_start + 100)).map(|_| {
             let path = path.clone();
-            tokio::spawn(async move { open(addr, &path).await })
+            tokio::spawn(async move {
+                let mut ws = open(addr, &path).await?;
+                if warm_bytes > 0 {
+                    let payload = vec![0x5a; warm_bytes];
+                    let echoed = async {
+                        ws.write_frame(Frame::binary(Payload::Borrowed(&payload)))
+                            .await
+                            .ok()?;
+                        loop {
+                            let f = ws.read_frame().await.ok()?;
+                            if f.opcode == OpCode::Binary {
+                                return (f.payload[..] == payload[..]).then_some(());
+                            }
+                        }
+                    };
+                    tokio::time::timeout(Duration::from_secs(10), echoed)
+                        .await
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| "warm-up echo failed".to_string())?;
+                }
+                Ok::<_, String>(ws)
+            })
         });
         for task in batch.collect::<Vec<_>>() {
             match task.await {
@@ -515,6 +543,7 @@ async fn idle(
     let growth = during.saturating_sub(before);
     let line = json!({
         "mode": "idle", "target": target.label, "connections": connections, "held": held,
+        "warm_bytes": warm_bytes,
         "open_errors": open_errors, "dead_after_hold": dead,
         "rss_before_bytes": before, "rss_during_bytes": during,
         "rss_per_session_bytes": if held > 0 { growth as f64 / held as f64 } else { 0.0 },
