@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fastwebsockets::{Frame, OpCode, Payload, Role};
-use tokio::io::AsyncWriteExt;
 use wsrouter::balance::Balancer;
 use wsrouter::config::Config;
 use wsrouter::config::Policy;
 use wsrouter::proxy::pump::{self, Direction};
+use wsrouter::proxy::FrameWriter;
 use wsrouter::registry::{Observation, Registry};
 
 const FRAMES: usize = 1000;
@@ -20,26 +20,26 @@ async fn pump_frames(size: usize) {
     let (router_out, upstream_side) = tokio::io::duplex(1 << 20);
     let (mut source, _in_write) = tokio::io::split(router_in);
     let (_out_read, out_write) = tokio::io::split(router_out);
-    let mut sink = pump::writer(out_write, Role::Client);
+    let mut sink = FrameWriter::new(out_write, Role::Client);
 
     // The client: FRAMES masked binary frames, then a close.
     let payload = vec![0x5a; size];
     let writer = tokio::spawn(async move {
-        let (_, mut ws) = pump::split(tokio::io::empty(), &mut client_side, Role::Client, 16 << 20);
+        let mut ws = FrameWriter::new(&mut client_side, Role::Client);
         for _ in 0..FRAMES {
             ws.write_frame(Frame::binary(Payload::Borrowed(&payload)))
                 .await
                 .unwrap();
         }
         ws.write_frame(Frame::close(1000, b"")).await.unwrap();
+        ws.flush().await.unwrap();
         drop(ws);
-        client_side.flush().await.unwrap();
         client_side
     });
     // The replica: count frames until the close.
     let reader = tokio::spawn(async move {
         let (upstream_read, _w) = tokio::io::split(upstream_side);
-        let (mut ws, _) = pump::split(upstream_read, tokio::io::sink(), Role::Server, 16 << 20);
+        let mut ws = pump::frame_reader(upstream_read, Role::Server, 16 << 20);
         let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), std::io::Error>(()));
         let mut n = 0;
         loop {

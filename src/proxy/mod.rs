@@ -7,7 +7,7 @@ pub mod pump;
 pub mod stats;
 mod writer;
 
-use writer::Coalescing;
+pub use writer::FrameWriter;
 
 use std::convert::Infallible;
 use std::io;
@@ -27,7 +27,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -253,11 +253,12 @@ impl Proxy {
                     _slot: slot,
                     _permit: permit,
                 };
+                let (upstream_read, upstream_write) = upstream_halves(upstream);
                 tokio::spawn(self.clone().run_session(
                     session,
                     client_upgrade,
-                    upstream.stream,
-                    upstream.leftover,
+                    upstream_read,
+                    upstream_write,
                 ));
                 return response;
             }
@@ -444,9 +445,7 @@ impl Proxy {
 
     /// Close a replica connection nobody will use: Close frame, bounded wait for the reply.
     async fn close_upstream(&self, upstream: Upstream, (code, reason): (u16, &str)) {
-        let (read, write) = upstream.stream.into_split();
-        let mut read = Prefixed::new(upstream.leftover, read);
-        let mut write = Coalescing::new(write);
+        let (mut read, mut write) = upstream_halves(upstream);
         let order = CloseOrder {
             error_json: None,
             close: Some((code, reason.to_string())),
@@ -503,15 +502,20 @@ impl Proxy {
     }
 
     /// Send `order` on a WebSocket nobody forwards to, then wait (bounded) for the peer's Close.
-    async fn close_handshake<R, W>(&self, read: R, write: W, role: Role, order: CloseOrder)
-    where
+    async fn close_handshake<R, W>(
+        &self,
+        read: R,
+        write: &mut FrameWriter<W>,
+        role: Role,
+        order: CloseOrder,
+    ) where
         R: AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
     {
         let settings = self.settings.load_full();
         let limits = &settings.limits;
-        let (mut ws_read, mut ws_write) = pump::split(read, write, role, limits.max_frame_bytes);
-        pump::write_order(&mut ws_write, order).await;
+        let mut ws_read = pump::frame_reader(read, role, limits.max_frame_bytes);
+        pump::write_order(write, order).await;
         let deadline = tokio::time::Instant::now() + seconds(limits.close_timeout_seconds);
         pump::drain_until_close(&mut ws_read, deadline).await;
     }
@@ -521,88 +525,117 @@ impl Proxy {
     fn stop_signal(&self, replica: &Replica) -> impl std::future::Future<Output = Stop> {
         let mut shutdown = self.shutdown.clone();
         let settings = self.settings.load();
-        let mut status = settings.close_on_unhealthy.then(|| replica.watch_status());
+        let status = settings.close_on_unhealthy.then(|| replica.watch_status());
         let lifetime = settings.max_lifetime;
         drop(settings);
+        // On the heap and only when configured: every open session holds this future.
+        let optional = (status.is_some() || lifetime.is_some())
+            .then(|| Box::pin(unhealthy_or_expired(status, lifetime)));
         async move {
-            let unhealthy = async {
-                // Boxed, like the lifetime timer: only sessions that use it pay for its room.
-                let turned = match status.as_mut() {
-                    Some(status) => Box::pin(status.wait_for(|s| *s == Status::Unhealthy))
-                        .await
-                        .is_ok(),
-                    None => false,
-                };
-                if !turned {
-                    std::future::pending::<()>().await;
-                }
-            };
-            let expired = async {
-                match lifetime {
-                    Some(lifetime) => Box::pin(tokio::time::sleep(lifetime)).await,
+            let optional = async {
+                match optional {
+                    Some(stop) => stop.await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = shutdown.wait_for(|stopping| *stopping) => Stop::shutdown(),
-                () = unhealthy => Stop::reconnect(
-                    "worker_unhealthy",
-                    "the worker serving this session became unhealthy; reconnect to continue on another",
-                ),
-                () = expired => Stop::reconnect(
-                    "session_expired",
-                    "the session reached its maximum lifetime; reconnect to continue",
-                ),
+                stop = optional => stop,
             }
         }
     }
 
     /// Bridge an upgraded client and a connected replica until the session ends.
-    async fn run_session(
+    ///
+    /// An async block rather than an async fn: an async fn moves its arguments into locals and
+    /// keeps both copies, and every open session holds this future.
+    #[allow(clippy::manual_async_fn)]
+    fn run_session(
         self: Arc<Self>,
         session: Session,
         upgrade: hyper::upgrade::OnUpgrade,
-        upstream: TcpStream,
-        upstream_leftover: Bytes,
-    ) {
-        let Some(client) = ClientSocket::upgrade(upgrade).await else {
-            return;
-        };
-        let (mut client_read, mut client_write) = client.into_halves();
-        let (upstream_read, upstream_write) = upstream.into_split();
-        let mut upstream_read = Prefixed::new(upstream_leftover, upstream_read);
-        let mut upstream_write = Coalescing::new(upstream_write);
-        let settings = self.settings.load_full();
-        let end = {
-            let mut cw = pump::writer(&mut client_write, Role::Server);
-            let mut uw = pump::writer(&mut upstream_write, Role::Client);
-            let limits = pump::SessionLimits {
-                close_timeout: seconds(settings.limits.close_timeout_seconds),
-                max_frame_bytes: settings.limits.max_frame_bytes,
+        mut upstream_read: Prefixed<OwnedReadHalf>,
+        mut upstream_write: FrameWriter<OwnedWriteHalf>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        async move {
+            let Some(client) = ClientSocket::upgrade(upgrade).await else {
+                return;
             };
-            pump::bridge(
+            let (mut client_read, mut client_write) = client.into_halves();
+            let (limits, keepalive) = {
+                let settings = self.settings.load();
+                let limits = pump::SessionLimits {
+                    close_timeout: seconds(settings.limits.close_timeout_seconds),
+                    max_frame_bytes: settings.limits.max_frame_bytes,
+                };
+                (limits, settings.keepalive)
+            };
+            let end = pump::bridge(
                 &mut client_read,
-                &mut cw,
+                &mut client_write,
                 &mut upstream_read,
-                &mut uw,
+                &mut upstream_write,
                 limits,
-                settings.keepalive,
+                keepalive,
                 // Boxed: the session future then holds it once, not as argument and local.
                 Box::pin(self.stop_signal(&session.replica)),
                 &self.stats.traffic,
             )
-            .await
-        };
-        if let Some(why) = end.stopped {
-            self.stats.count_stop(why);
+            .await;
+            if let Some(why) = end.stopped {
+                self.stats.count_stop(why);
+            }
+            log_session_end(session.id, &session.replica, &end);
+            // The session is over; lingering on the sockets does not count against limits.
+            drop(session);
+            tokio::join!(finish_socket(client_read, client_write), async {
+                let _ = upstream_write.shutdown().await;
+            });
         }
-        log_session_end(session.id, &session.replica, &end);
-        // The session is over; lingering on the sockets does not count against limits.
-        drop(session);
-        tokio::join!(finish_socket(client_read, client_write), async {
-            let _ = upstream_write.shutdown().await;
-        });
     }
+}
+
+/// The optional reasons to end a session: its replica turning unhealthy (`status` is watched
+/// only with close_on_unhealthy) and its maximum lifetime.
+async fn unhealthy_or_expired(
+    mut status: Option<watch::Receiver<Status>>,
+    lifetime: Option<Duration>,
+) -> Stop {
+    let unhealthy = async {
+        let turned = match status.as_mut() {
+            Some(status) => status.wait_for(|s| *s == Status::Unhealthy).await.is_ok(),
+            None => false,
+        };
+        if !turned {
+            std::future::pending::<()>().await;
+        }
+    };
+    let expired = async {
+        match lifetime {
+            Some(lifetime) => tokio::time::sleep(lifetime).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = unhealthy => Stop::reconnect(
+            "worker_unhealthy",
+            "the worker serving this session became unhealthy; reconnect to continue on another",
+        ),
+        () = expired => Stop::reconnect(
+            "session_expired",
+            "the session reached its maximum lifetime; reconnect to continue",
+        ),
+    }
+}
+
+/// A replica connection split for a session: reads start with the bytes read ahead during
+/// the handshake.
+fn upstream_halves(upstream: Upstream) -> (Prefixed<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
+    let (read, write) = upstream.stream.into_split();
+    (
+        Prefixed::new(upstream.leftover, read),
+        FrameWriter::new(write, Role::Client),
+    )
 }
 
 /// One upstream handshake attempt, with the slot it reserved on its replica.
@@ -688,15 +721,18 @@ impl ClientSocket {
         }
     }
 
-    fn into_halves(self) -> (Prefixed<OwnedReadHalf>, Coalescing<OwnedWriteHalf>) {
+    fn into_halves(self) -> (Prefixed<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>) {
         let (read, write) = self.stream.into_split();
-        (Prefixed::new(self.leftover, read), Coalescing::new(write))
+        (
+            Prefixed::new(self.leftover, read),
+            FrameWriter::new(write, Role::Server),
+        )
     }
 }
 
 /// Flush and half-close our side, then read until the peer closes too (bounded), so unread
 /// bytes do not turn our close into a reset that could destroy the close frame in flight.
-async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: Coalescing<OwnedWriteHalf>) {
+async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: FrameWriter<OwnedWriteHalf>) {
     let _ = write.shutdown().await;
     // On the heap, not in the session's future: that would make every session 4 KiB larger.
     let mut sink = Vec::with_capacity(4096);
@@ -739,11 +775,11 @@ impl<R> Prefixed<R> {
 
 impl pump::Source for Prefixed<OwnedReadHalf> {
     const PARKS: bool = true;
-    async fn readable(&self) -> io::Result<()> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.prefix.has_remaining() {
-            Ok(())
+            Poll::Ready(Ok(()))
         } else {
-            self.inner.readable().await
+            AsRef::<TcpStream>::as_ref(&self.inner).poll_read_ready(cx)
         }
     }
 }

@@ -10,16 +10,17 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::framing::{is_unmasked_frame, Tracked};
 use super::stats::{DirectionStats, Traffic};
+use super::writer::FrameWriter;
 
 /// Which way a pump forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,36 +205,22 @@ fn no_obligated_send(_: Frame<'_>) -> std::future::Ready<Result<(), std::io::Err
     std::future::ready(Ok(()))
 }
 
-/// Configure a freshly split WebSocket for forwarding: control frames are the peer's business.
-pub fn configure<R, W>(
-    read: &mut WebSocketRead<R>,
-    write: &mut WebSocketWrite<W>,
+/// A frame reader over `read` for a WebSocket seen in `role`, set up for forwarding: control
+/// frames are the peer's business.
+pub fn frame_reader<R: AsyncRead + Unpin>(
+    read: R,
+    role: Role,
     max_frame_bytes: usize,
-) {
+) -> WebSocketRead<R> {
+    let (mut read, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), role);
     read.set_auto_close(false);
     read.set_auto_pong(false);
     // fastwebsockets rejects payloads >= the limit; ours is inclusive.
     read.set_max_message_size(max_frame_bytes.saturating_add(1));
-    write.set_writev(true);
-    write.set_writev_threshold(16 * 1024);
+    read
 }
 
-pub fn split<R, W>(
-    read: R,
-    write: W,
-    role: Role,
-    max_frame_bytes: usize,
-) -> (WebSocketRead<R>, WebSocketWrite<W>)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let (mut r, mut w) = fastwebsockets::after_handshake_split(read, write, role);
-    configure(&mut r, &mut w, max_frame_bytes);
-    (r, w)
-}
-
-pub async fn write_order<W: AsyncWrite + Unpin>(sink: &mut WebSocketWrite<W>, order: CloseOrder) {
+pub async fn write_order<W: AsyncWrite + Unpin>(sink: &mut FrameWriter<W>, order: CloseOrder) {
     if let Some(json) = order.error_json {
         let _ = sink
             .write_frame(Frame::text(Payload::Owned(json.into_bytes())))
@@ -298,23 +285,19 @@ enum Step<'f> {
 /// drops its frame reader, and the reader's 8 KiB buffer, until bytes arrive: idle sessions
 /// hold no read buffers.
 pub trait Source: AsyncRead + Unpin + Sync {
-    /// Whether [`Source::readable`] works; a source that cannot park keeps its reader.
+    /// Whether [`Source::poll_readable`] works; a source that cannot park keeps its reader.
     const PARKS: bool;
-    /// Wait until a read would find bytes (or EOF, or an error).
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_;
+    /// Ready when a read would find bytes (or EOF, or an error). A poll function rather than
+    /// an async one: a parked pump then holds no readiness future (tokio's is 150 bytes).
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
 }
 
 /// In-memory pipes (benches, tests) never park.
 impl<T: AsyncRead + Send + Sync> Source for tokio::io::ReadHalf<T> {
     const PARKS: bool = false;
-    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
-        std::future::pending()
+    fn poll_readable(&self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Pending
     }
-}
-
-/// A write half for a pump's sink.
-pub fn writer<W: AsyncWrite + Unpin>(write: W, role: Role) -> WebSocketWrite<W> {
-    split(tokio::io::empty(), write, role, 0).1
 }
 
 /// A frame reader over `read` for the side a pump reads.
@@ -328,14 +311,14 @@ fn reader<R: AsyncRead + Unpin>(
         Direction::ToUpstream => Role::Server,
         Direction::ToClient => Role::Client,
     };
-    split(read, tokio::io::sink(), role, max_frame_bytes).0
+    frame_reader(read, role, max_frame_bytes)
 }
 
 /// Forward frames from `source` to `sink` until one side closes or fails, or a close order
 /// arrives.
 pub async fn pump<S, W>(
     source: &mut S,
-    sink: &mut WebSocketWrite<W>,
+    sink: &mut FrameWriter<W>,
     direction: Direction,
     link: Link<'_>,
     close_timeout: Duration,
@@ -398,7 +381,7 @@ enum Wake {
 
 async fn forward<S, W>(
     source: &mut S,
-    sink: &mut WebSocketWrite<W>,
+    sink: &mut FrameWriter<W>,
     state: &mut PumpState<'_>,
     max_frame_bytes: usize,
 ) -> PumpEnd
@@ -425,7 +408,7 @@ where
             // Biased: no random draw per wake; orders are also checked between frames.
             let wake = tokio::select! {
                 biased;
-                _ = source.readable() => Wake::Readable,
+                _ = std::future::poll_fn(|cx| source.poll_readable(cx)) => Wake::Readable,
                 order = state.orders.next() => Wake::Order(order),
                 _ = until(deadline) => Wake::Deadline,
             };
@@ -435,8 +418,8 @@ where
                 // The closing steps are boxed so a parked pump does not carry their space.
                 Wake::Deadline => return Box::pin(close_instead(sink, state.closing.take())).await,
                 Wake::Order(Order::Ping) => {
-                    let sent = sink.write_frame(keepalive_ping()).await;
-                    if let Err(e) = sent.and(sink.flush().await) {
+                    // Boxed: a write in flight is 320 bytes a parked pump need not carry.
+                    if let Err(e) = Box::pin(send_ping(sink)).await {
                         return PumpEnd::SinkFailed(e.to_string());
                     }
                 }
@@ -463,7 +446,7 @@ where
 async fn forward_frames<R, W>(
     source: &mut WebSocketRead<R>,
     park_at: Option<&AtomicBool>,
-    sink: &mut WebSocketWrite<W>,
+    sink: &mut FrameWriter<W>,
     state: &mut PumpState<'_>,
 ) -> Option<PumpEnd>
 where
@@ -523,8 +506,7 @@ where
                             result = &mut read => break Step::Read(result),
                             order = state.orders.next() => match order {
                                 Order::Ping => {
-                                    let sent = sink.write_frame(keepalive_ping()).await;
-                                    if let Err(e) = sent.and(sink.flush().await) {
+                                    if let Err(e) = send_ping(sink).await {
                                         return Some(PumpEnd::SinkFailed(e.to_string()));
                                     }
                                 }
@@ -596,7 +578,7 @@ where
 /// The source failed: tell the sink's peer why (or what it was promised, when the session
 /// was already closing).
 async fn source_failed<W: AsyncWrite + Unpin>(
-    sink: &mut WebSocketWrite<W>,
+    sink: &mut FrameWriter<W>,
     direction: Direction,
     error: WebSocketError,
     closing: Option<(Box<CloseOrder>, Instant)>,
@@ -614,7 +596,7 @@ async fn source_failed<W: AsyncWrite + Unpin>(
 
 /// End a [`Order::CloseAfterSource`]: write the promised close to the sink.
 async fn close_instead<W: AsyncWrite + Unpin>(
-    sink: &mut WebSocketWrite<W>,
+    sink: &mut FrameWriter<W>,
     closing: Option<(Box<CloseOrder>, Instant)>,
 ) -> PumpEnd {
     if let Some((order, _)) = closing {
@@ -630,6 +612,12 @@ async fn until(deadline: Option<Instant>) {
         Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
         None => std::future::pending().await,
     }
+}
+
+/// Send a keepalive ping now (flushed: the peer is silent, so nothing else will flush it).
+async fn send_ping<W: AsyncWrite + Unpin>(sink: &mut FrameWriter<W>) -> Result<(), WebSocketError> {
+    sink.write_frame(keepalive_ping()).await?;
+    sink.flush().await
 }
 
 fn keepalive_ping() -> Frame<'static> {
@@ -654,8 +642,9 @@ pub struct SessionEnd {
 #[derive(Debug)]
 pub struct Stop {
     pub why: &'static str,
-    pub to_client: CloseOrder,
-    pub to_upstream: CloseOrder,
+    // Boxed: a session's future has room for a Stop while it runs, and a Stop is rare.
+    pub to_client: Box<CloseOrder>,
+    pub to_upstream: Box<CloseOrder>,
 }
 
 impl Stop {
@@ -667,8 +656,8 @@ impl Stop {
         };
         Stop {
             why: "shutdown",
-            to_client: going_away(),
-            to_upstream: going_away(),
+            to_client: Box::new(going_away()),
+            to_upstream: Box::new(going_away()),
         }
     }
 
@@ -677,14 +666,14 @@ impl Stop {
     pub fn reconnect(why: &'static str, message: &str) -> Stop {
         Stop {
             why,
-            to_client: CloseOrder {
+            to_client: Box::new(CloseOrder {
                 error_json: Some(error_json(why, message)),
                 close: Some((1012, "reconnect".into())),
-            },
-            to_upstream: CloseOrder {
+            }),
+            to_upstream: Box::new(CloseOrder {
                 error_json: None,
                 close: Some((1001, "session moved".into())),
-            },
+            }),
         }
     }
 
@@ -695,8 +684,8 @@ impl Stop {
         };
         Stop {
             why: "idle_timeout",
-            to_client: idle(),
-            to_upstream: idle(),
+            to_client: Box::new(idle()),
+            to_upstream: Box::new(idle()),
         }
     }
 
@@ -709,22 +698,22 @@ impl Stop {
             // The client went silent.
             Direction::ToUpstream => Stop {
                 why: "client_unresponsive",
-                to_client: no_answer(),
-                to_upstream: CloseOrder {
+                to_client: Box::new(no_answer()),
+                to_upstream: Box::new(CloseOrder {
                     error_json: None,
                     close: Some((1001, "client went away".into())),
-                },
+                }),
             },
             Direction::ToClient => Stop {
                 why: "worker_unresponsive",
-                to_client: CloseOrder {
+                to_client: Box::new(CloseOrder {
                     error_json: Some(error_json(
                         "worker_failed",
                         "the worker stopped answering pings",
                     )),
                     close: Some((1011, "worker_failed".into())),
-                },
-                to_upstream: no_answer(),
+                }),
+                to_upstream: Box::new(no_answer()),
             },
         }
     }
@@ -849,9 +838,9 @@ pub struct SessionLimits {
 #[allow(clippy::too_many_arguments)]
 pub async fn bridge<CS, CW, US, UW>(
     client_read: &mut CS,
-    client_write: &mut WebSocketWrite<CW>,
+    client_write: &mut FrameWriter<CW>,
     upstream_read: &mut US,
-    upstream_write: &mut WebSocketWrite<UW>,
+    upstream_write: &mut FrameWriter<UW>,
     limits: SessionLimits,
     keepalive: Keepalive,
     mut stop: impl Future<Output = Stop> + Unpin,
@@ -964,8 +953,8 @@ where
             }
         }
     };
-    to_up.post(Order::Close(Box::new(stop.to_upstream)));
-    to_down.post(Order::Close(Box::new(stop.to_client)));
+    to_up.post(Order::Close(stop.to_upstream));
+    to_down.post(Order::Close(stop.to_client));
     let (upstream, client) =
         Box::pin(async { tokio::join!(finish(&mut up, within), finish(&mut down, within)) }).await;
     SessionEnd {
@@ -1025,8 +1014,8 @@ mod tests {
 
     impl Source for NeverPausing {
         const PARKS: bool = false;
-        fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
-            std::future::pending()
+        fn poll_readable(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
         }
     }
 
@@ -1072,7 +1061,7 @@ mod tests {
             at: 0,
             left: 4 << 20,
         };
-        let mut sink = writer(Vec::<u8>::new(), Role::Server);
+        let mut sink = FrameWriter::new(Vec::<u8>::new(), Role::Server);
         let inbox = Inbox::default();
         inbox.post(Order::Close(Box::new(CloseOrder {
             error_json: None,

@@ -1,33 +1,105 @@
-//! A write buffer that costs nothing while a session is idle.
+//! The write side of a WebSocket connection, built for a proxy holding many idle sessions.
 //!
-//! tokio's BufWriter allocates its whole buffer up front and keeps it; with tens of thousands
-//! of mostly idle sessions that is most of the router's memory. This one allocates on the
-//! first write of a burst and frees the buffer when a flush empties it. Large writes skip it.
+//! Frames are formatted straight into one coalescing buffer, allocated on the first write of
+//! a burst and freed when a flush empties it: an idle session holds no write buffer.
+//! (fastwebsockets' writer formats each frame into a buffer of its own that keeps the
+//! capacity of the largest frame it ever wrote, up to 16 KiB per direction for as long as the
+//! session lives, and tokio's BufWriter keeps its whole buffer from the start.) Large frames
+//! skip the buffer and go out in one vectored write, header and payload together.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::AsyncWrite;
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Writes at least this large go straight to the socket once the buffer is empty.
 const DIRECT_WRITE_BYTES: usize = 16 * 1024;
 /// A burst is pushed out once this much has been buffered, even before the flush.
 const MAX_BUFFERED_BYTES: usize = 64 * 1024;
+/// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
+const MAX_HEAD_BYTES: usize = 14;
 
-pub struct Coalescing<W> {
+pub struct FrameWriter<W> {
     inner: W,
     buf: Vec<u8>,
     written: usize,
+    /// Client role: every frame is masked (RFC 6455 5.3).
+    masks: bool,
+    /// A Close went out; nothing else may follow it.
+    closed: bool,
 }
 
-impl<W: AsyncWrite + Unpin> Coalescing<W> {
-    pub fn new(inner: W) -> Self {
-        Coalescing {
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// A writer for the side of the connection `role` names (a server's frames are unmasked).
+    pub fn new(inner: W, role: Role) -> Self {
+        FrameWriter {
             inner,
             buf: Vec::new(),
             written: 0,
+            masks: role == Role::Client,
+            closed: false,
         }
+    }
+
+    /// Queue `frame` (or write it out now if it is large); nothing is sent before
+    /// [`FrameWriter::flush`] unless the buffer fills. A frame read from a client keeps that
+    /// client's mask when written as a client: the bytes on the wire are the client's.
+    pub async fn write_frame(&mut self, mut frame: Frame<'_>) -> Result<(), WebSocketError> {
+        if self.closed {
+            return Err(WebSocketError::ConnectionClosed);
+        }
+        self.closed = frame.opcode == OpCode::Close;
+        if self.masks {
+            frame.mask();
+        }
+        let mut head = [0u8; MAX_HEAD_BYTES];
+        let head_len = frame.fmt_head(&mut head);
+        let (head, payload) = (&head[..head_len], &frame.payload[..]);
+        let total = head.len() + payload.len();
+        if self.buf.len() + total > MAX_BUFFERED_BYTES {
+            std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
+        }
+        if self.buf.is_empty() && total >= DIRECT_WRITE_BYTES {
+            self.write_direct(head, payload).await?;
+        } else {
+            self.buf.reserve(total);
+            self.buf.extend_from_slice(head);
+            self.buf.extend_from_slice(payload);
+        }
+        Ok(())
+    }
+
+    /// Write out everything queued.
+    pub async fn flush(&mut self) -> Result<(), WebSocketError> {
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
+        self.inner.flush().await?;
+        Ok(())
+    }
+
+    /// Write out everything queued, then half-close.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
+        self.inner.shutdown().await
+    }
+
+    /// Header and payload in vectored writes, past the buffer (which is empty).
+    async fn write_direct(&mut self, head: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < head.len() + payload.len() {
+            let n = if done < head.len() {
+                let parts = [io::IoSlice::new(&head[done..]), io::IoSlice::new(payload)];
+                self.inner.write_vectored(&parts).await?
+            } else {
+                self.inner.write(&payload[done - head.len()..]).await?
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// Write out everything buffered; frees the buffer when done.
@@ -45,85 +117,93 @@ impl<W: AsyncWrite + Unpin> Coalescing<W> {
     }
 }
 
-impl<W: AsyncWrite + Unpin> AsyncWrite for Coalescing<W> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.buf.len() + data.len() > MAX_BUFFERED_BYTES {
-            ready!(this.poll_drain(cx))?;
-        }
-        if this.buf.is_empty() && data.len() >= DIRECT_WRITE_BYTES {
-            return Pin::new(&mut this.inner).poll_write(cx, data);
-        }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if this.buf.len() + total > MAX_BUFFERED_BYTES {
-            ready!(this.poll_drain(cx))?;
-        }
-        if this.buf.is_empty() && total >= DIRECT_WRITE_BYTES {
-            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        }
-        for b in bufs {
-            this.buf.extend_from_slice(b);
-        }
-        Poll::Ready(Ok(total))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::proxy::framing::Tracked;
+    use fastwebsockets::Payload;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::AsyncReadExt;
+
+    fn reader<R: tokio::io::AsyncRead + Unpin>(
+        read: R,
+        role: Role,
+    ) -> fastwebsockets::WebSocketRead<R> {
+        let (mut read, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), role);
+        read.set_auto_close(false);
+        read
+    }
 
     #[tokio::test]
-    async fn small_writes_wait_for_flush_and_large_ones_pass_in_order() {
+    async fn small_frames_wait_for_flush_and_large_ones_pass_in_order() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let mut w = Coalescing::new(a);
-        w.write_all(b"one ").await.unwrap();
-        w.write_all(b"two ").await.unwrap();
+        let mut w = FrameWriter::new(a, Role::Server);
+        w.write_frame(Frame::text(Payload::Borrowed(b"one")))
+            .await
+            .unwrap();
+        w.write_frame(Frame::binary(Payload::Borrowed(b"two")))
+            .await
+            .unwrap();
         let mut probe = [0u8; 1];
         let nothing_yet =
             tokio::time::timeout(std::time::Duration::from_millis(20), b.read(&mut probe)).await;
-        assert!(nothing_yet.is_err(), "small writes must wait for the flush");
-        let big = vec![b'x'; 20_000];
-        w.write_all(&big).await.unwrap();
-        w.write_all(b" end").await.unwrap();
+        assert!(nothing_yet.is_err(), "small frames must wait for the flush");
+        let big = vec![b'x'; 70_000];
+        w.write_frame(Frame::binary(Payload::Borrowed(&big)))
+            .await
+            .unwrap();
+        w.write_frame(Frame::text(Payload::Borrowed(b"end")))
+            .await
+            .unwrap();
         w.flush().await.unwrap();
         assert!(w.buf.capacity() == 0, "the buffer is freed once flushed");
+        w.shutdown().await.unwrap();
         drop(w);
-        let mut out = Vec::new();
-        b.read_to_end(&mut out).await.unwrap();
-        let mut expected = b"one two ".to_vec();
-        expected.extend_from_slice(&big);
-        expected.extend_from_slice(b" end");
-        assert_eq!(out, expected);
+
+        let mut frames = reader(b, Role::Client);
+        let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), io::Error>(()));
+        for (opcode, payload) in [
+            (OpCode::Text, &b"one"[..]),
+            (OpCode::Binary, b"two"),
+            (OpCode::Binary, &big),
+            (OpCode::Text, b"end"),
+        ] {
+            let frame = frames.read_frame(&mut send).await.unwrap();
+            assert_eq!((frame.opcode, &frame.payload[..]), (opcode, payload));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_masks_every_frame_and_nothing_follows_a_close() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a, Role::Client);
+        for size in [5, 300, 20_000] {
+            let payload = vec![b'p'; size];
+            w.write_frame(Frame::binary(Payload::Owned(payload)))
+                .await
+                .unwrap();
+        }
+        w.write_frame(Frame::close(1000, b"bye")).await.unwrap();
+        let after_close = w.write_frame(Frame::text(Payload::Borrowed(b"late"))).await;
+        assert!(matches!(after_close, Err(WebSocketError::ConnectionClosed)));
+        w.shutdown().await.unwrap();
+        drop(w);
+
+        let mut wire = Vec::new();
+        b.read_to_end(&mut wire).await.unwrap();
+        // Followed through the check that fails on any unmasked frame.
+        let (mut source, at_boundary) = (&wire[..], AtomicBool::new(true));
+        let mut frames = reader(Tracked::new(&mut source, true, &at_boundary), Role::Server);
+        let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), io::Error>(()));
+        for size in [5, 300, 20_000] {
+            let frame = frames.read_frame(&mut send).await.unwrap();
+            assert_eq!(&frame.payload[..], &vec![b'p'; size][..]);
+        }
+        let close = frames.read_frame(&mut send).await.unwrap();
+        assert_eq!(close.opcode, OpCode::Close);
+        assert!(
+            frames.read_frame(&mut send).await.is_err(),
+            "nothing after the close"
+        );
     }
 }
