@@ -46,6 +46,23 @@ async fn text_and_binary_are_echoed_through_the_router() {
 }
 
 #[tokio::test]
+async fn a_clean_close_handshake_closes_both_sockets_and_frees_the_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_replica, router) = one_replica("").await;
+    let mut stream = raw_upgrade(router.addr).await;
+    let close = raw_frame(0x88, &1000u16.to_be_bytes(), true);
+    stream.write_all(&close).await.unwrap();
+    let (first, payload) = read_raw_frame(&mut stream).await.expect("the replica's close");
+    assert_eq!((first, &payload[..2]), (0x88, &1000u16.to_be_bytes()[..]));
+    // Then the router closes the connection: EOF, not a reset and not a hang.
+    let mut rest = Vec::new();
+    let read = bounded("the router's close", stream.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(0)), "{read:?} after {rest:?}");
+    let replica = router.registry.snapshot().replicas[0].replica.clone();
+    until("the session slot freed", || replica.active_sessions() == 0).await;
+}
+
+#[tokio::test]
 async fn fragments_and_control_frames_pass_unchanged() {
     let (_replica, router) = one_replica("").await;
     let mut ws = connect(router.addr).await;

@@ -84,6 +84,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner.shutdown().await
     }
 
+    /// The underlying writer; anything still queued is dropped.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
     /// Header and payload in vectored writes, past the buffer (which is empty).
     async fn write_direct(&mut self, head: &[u8], payload: &[u8]) -> io::Result<()> {
         let mut done = 0;
