@@ -156,11 +156,21 @@ for t in $TARGETS; do
   [ -n "$ok" ] || { echo "$t did not come up; logs in $WORK" >&2; exit 1; }
 done
 
+# The targets in the order they run in round $1: rotated by one each round, so no target is
+# always the one measured last (the machine's load drifts within a round).
+round_order() {
+  local targets=($TARGETS) order="" i
+  for i in "${!targets[@]}"; do
+    order="$order ${targets[$(( (i + $1 - 1) % ${#targets[@]} ))]}"
+  done
+  echo $order
+}
+
 TICK=$(getconf CLK_TCK)
 for round in $(seq 1 "$ROUNDS"); do
   for size in $SIZES; do
     for conns in $CONNECTIONS; do
-      for t in $TARGETS; do
+      for t in $(round_order "$round"); do
         pids=$(target_pids "$t")
         before=$(cpu_ticks $pids)
         line=$($LOAD_CPU $BIN/wsload echo --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" \
@@ -171,7 +181,7 @@ for round in $(seq 1 "$ROUNDS"); do
       done
     done
   done
-  for t in $TARGETS; do
+  for t in $(round_order "$round"); do
     pids=$(target_pids "$t")
     before=$(cpu_ticks $pids)
     line=$($LOAD_CPU $BIN/wsload handshake --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" --duration "$DURATION")
