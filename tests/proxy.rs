@@ -52,7 +52,9 @@ async fn a_clean_close_handshake_closes_both_sockets_and_frees_the_slot() {
     let mut stream = raw_upgrade(router.addr).await;
     let close = raw_frame(0x88, &1000u16.to_be_bytes(), true);
     stream.write_all(&close).await.unwrap();
-    let (first, payload) = read_raw_frame(&mut stream).await.expect("the replica's close");
+    let (first, payload) = read_raw_frame(&mut stream)
+        .await
+        .expect("the replica's close");
     assert_eq!((first, &payload[..2]), (0x88, &1000u16.to_be_bytes()[..]));
     // Then the router closes the connection: EOF, not a reset and not a hang.
     let mut rest = Vec::new();
