@@ -56,17 +56,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
         let mut head = [0u8; MAX_HEAD_BYTES];
         let head_len = frame.fmt_head(&mut head);
-        let (head, payload) = (&head[..head_len], &frame.payload[..]);
-        let total = head.len() + payload.len();
+        let total = head_len + frame.payload.len();
         if self.buf.len() + total > MAX_BUFFERED_BYTES {
             std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
         }
         if self.buf.is_empty() && total >= DIRECT_WRITE_BYTES {
-            self.write_direct(head, payload).await?;
+            frame.writev(&mut self.inner).await?;
         } else {
             self.buf.reserve(total);
-            self.buf.extend_from_slice(head);
-            self.buf.extend_from_slice(payload);
+            self.buf.extend_from_slice(&head[..head_len]);
+            self.buf.extend_from_slice(&frame.payload);
         }
         Ok(())
     }
@@ -89,24 +88,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner
     }
 
-    /// Header and payload in vectored writes, past the buffer (which is empty).
-    async fn write_direct(&mut self, head: &[u8], payload: &[u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < head.len() + payload.len() {
-            let n = if done < head.len() {
-                let parts = [io::IoSlice::new(&head[done..]), io::IoSlice::new(payload)];
-                self.inner.write_vectored(&parts).await?
-            } else {
-                self.inner.write(&payload[done - head.len()..]).await?
-            };
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
     /// Write out everything buffered; frees the buffer when done.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {
@@ -126,17 +107,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 mod tests {
     use super::*;
     use crate::proxy::framing::Tracked;
-    use fastwebsockets::Payload;
+    use fastwebsockets::{Payload, WebSocketRead};
     use std::sync::atomic::AtomicBool;
     use tokio::io::AsyncReadExt;
 
-    fn reader<R: tokio::io::AsyncRead + Unpin>(
-        read: R,
-        role: Role,
-    ) -> fastwebsockets::WebSocketRead<R> {
-        let (mut read, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), role);
-        read.set_auto_close(false);
-        read
+    fn reader<R: tokio::io::AsyncRead + Unpin>(read: R, role: Role) -> WebSocketRead<R> {
+        crate::proxy::pump::frame_reader(read, role, 1 << 20)
     }
 
     #[tokio::test]
