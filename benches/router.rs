@@ -45,7 +45,9 @@ async fn pump_frames(size: usize) {
     // The replica: count frames until the close.
     let reader = tokio::spawn(async move {
         let (upstream_read, _w) = tokio::io::split(upstream_side);
-        let mut ws = pump::frame_reader(upstream_read, Role::Server, 16 << 20);
+        // The replica reads with fastwebsockets, as the client writes.
+        let (mut ws, _) =
+            fastwebsockets::after_handshake_split(upstream_read, tokio::io::sink(), Role::Server);
         let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), std::io::Error>(()));
         let mut n = 0;
         loop {

@@ -1,9 +1,9 @@
 //! The proxy: the HTTP service (routing, session limit, upgrade), the upstream connect with
 //! failover, and the session task that bridges client and replica.
 
-mod framing;
 pub mod handshake;
 pub mod pump;
+pub mod reader;
 pub mod stats;
 mod writer;
 
@@ -504,7 +504,7 @@ impl Proxy {
     /// Send `order` on a WebSocket nobody forwards to, then wait (bounded) for the peer's Close.
     async fn close_handshake<R, W>(
         &self,
-        read: R,
+        mut read: R,
         write: &mut FrameWriter<W>,
         role: Role,
         order: CloseOrder,
@@ -514,10 +514,10 @@ impl Proxy {
     {
         let settings = self.settings.load_full();
         let limits = &settings.limits;
-        let mut ws_read = pump::frame_reader(read, role, limits.max_frame_bytes);
+        let mut frames = reader::FrameReader::new(role, limits.max_frame_bytes);
         pump::write_order(write, order).await;
         let deadline = tokio::time::Instant::now() + seconds(limits.close_timeout_seconds);
-        pump::drain_until_close(&mut ws_read, deadline).await;
+        pump::drain_until_close(&mut frames, &mut read, deadline).await;
     }
 
     /// Resolves when the router must end a session on `replica`: shutdown, the replica turning
@@ -760,14 +760,7 @@ async fn finish_socket(mut read: Prefixed<OwnedReadHalf>, mut write: FrameWriter
     let _ = tokio::time::timeout(Duration::from_secs(2), linger).await;
 }
 
-/// The most one socket read may bring in. fastwebsockets reads into all the spare room of
-/// its buffer and doubles the buffer whenever the bytes read ahead outgrow what was consumed,
-/// so a fast peer after a pause (a slow consumer catching up) could grow it by tens of MiB
-/// per session. Capped reads keep it near the largest frame.
-const MAX_READ_BYTES: usize = 64 * 1024;
-
-/// A read half that first yields bytes read ahead during the HTTP handshake, and reads at
-/// most [`MAX_READ_BYTES`] at a time.
+/// A read half that first yields bytes read ahead during the HTTP handshake.
 pub struct Prefixed<R> {
     prefix: Bytes,
     inner: R,
@@ -811,21 +804,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
             }
             return Poll::Ready(Ok(()));
         }
-        if buf.remaining() <= MAX_READ_BYTES {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let mut capped = buf.take(MAX_READ_BYTES);
-        let start = capped.filled().as_ptr();
-        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut capped))?;
-        assert_eq!(
-            start,
-            capped.filled().as_ptr(),
-            "the reader swapped buffers"
-        );
-        let n = capped.filled().len();
-        // SAFETY: the first `n` bytes of `buf`'s unfilled part were just filled by the read.
-        unsafe { buf.assume_init(n) };
-        buf.advance(n);
-        Poll::Ready(Ok(()))
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }

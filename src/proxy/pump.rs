@@ -8,17 +8,17 @@
 //! answering keepalive pings.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::framing::{is_unmasked_frame, Tracked};
+use super::reader::{is_unmasked_frame, FrameReader, Head};
 use super::stats::{DirectionStats, Traffic};
 use super::writer::FrameWriter;
 
@@ -200,26 +200,6 @@ pub fn close_frame(code: u16, reason: &str) -> Frame<'static> {
     Frame::close(code, &reason.as_bytes()[..end])
 }
 
-/// Nothing is ever owed by the reader with auto_close and auto_pong off.
-fn no_obligated_send(_: Frame<'_>) -> std::future::Ready<Result<(), std::io::Error>> {
-    std::future::ready(Ok(()))
-}
-
-/// A frame reader over `read` for a WebSocket seen in `role`, set up for forwarding: control
-/// frames are the peer's business.
-pub fn frame_reader<R: AsyncRead + Unpin>(
-    read: R,
-    role: Role,
-    max_frame_bytes: usize,
-) -> WebSocketRead<R> {
-    let (mut read, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), role);
-    read.set_auto_close(false);
-    read.set_auto_pong(false);
-    // fastwebsockets rejects payloads >= the limit; ours is inclusive.
-    read.set_max_message_size(max_frame_bytes.saturating_add(1));
-    read
-}
-
 pub async fn write_order<W: AsyncWrite + Unpin>(sink: &mut FrameWriter<W>, order: CloseOrder) {
     if let Some(json) = order.error_json {
         let _ = sink
@@ -259,33 +239,21 @@ fn failure_notice(direction: Direction, error: &WebSocketError) -> CloseOrder {
 
 /// Read and discard frames until the peer's Close arrives, the peer fails, or `deadline`.
 pub async fn drain_until_close<R: AsyncRead + Unpin>(
-    source: &mut WebSocketRead<R>,
+    frames: &mut FrameReader,
+    source: &mut R,
     deadline: Instant,
 ) {
-    let mut send = no_obligated_send;
-    while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, source.read_frame(&mut send)).await
-    {
+    while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, frames.read_frame(source)).await {
         if frame.opcode == OpCode::Close {
             return;
         }
     }
 }
 
-/// One read's outcome inside the pump.
-enum Step<'f> {
-    Read(Result<Frame<'f>, WebSocketError>),
-    /// An order was carried out while a read was in flight; this is that read's result.
-    Ordered(
-        Result<Result<Frame<'f>, WebSocketError>, tokio::time::error::Elapsed>,
-        Instant,
-    ),
-}
-
 /// A pump's byte source. A socket can say when it is readable, so a pump whose peer is quiet
-/// drops its frame reader, and the reader's 8 KiB buffer, until bytes arrive: idle sessions
-/// hold no read buffers.
+/// frees its read buffer until bytes arrive: idle sessions hold no read buffers.
 pub trait Source: AsyncRead + Unpin + Sync {
-    /// Whether [`Source::poll_readable`] works; a source that cannot park keeps its reader.
+    /// Whether [`Source::poll_readable`] works; a source that cannot park keeps its buffer.
     const PARKS: bool;
     /// Ready when a read would find bytes (or EOF, or an error). A poll function rather than
     /// an async one: a parked pump then holds no readiness future (tokio's is 150 bytes).
@@ -298,20 +266,6 @@ impl<T: AsyncRead + Send + Sync> Source for tokio::io::ReadHalf<T> {
     fn poll_readable(&self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Pending
     }
-}
-
-/// A frame reader over `read` for the side a pump reads.
-fn reader<R: AsyncRead + Unpin>(
-    read: R,
-    direction: Direction,
-    max_frame_bytes: usize,
-) -> WebSocketRead<R> {
-    let role = match direction {
-        // The client side is read as its server.
-        Direction::ToUpstream => Role::Server,
-        Direction::ToClient => Role::Client,
-    };
-    frame_reader(read, role, max_frame_bytes)
 }
 
 /// Forward frames from `source` to `sink` until one side closes or fails, or a close order
@@ -338,7 +292,7 @@ where
         counted: Counted::default(),
     };
     let end = forward(source, sink, &mut state, max_frame_bytes).await;
-    state.stats.add(state.counted.frames, state.counted.bytes);
+    state.publish_counts();
     end
 }
 
@@ -349,7 +303,7 @@ struct Counted {
     bytes: u64,
 }
 
-/// What a pump carries from one reader to the next.
+/// What a pump keeps besides its reader.
 struct PumpState<'a> {
     direction: Direction,
     stats: &'a DirectionStats,
@@ -370,13 +324,11 @@ impl PumpState<'_> {
     fn close_after_source(&mut self, order: Box<CloseOrder>) {
         self.closing = Some((order, Instant::now() + self.close_timeout));
     }
-}
 
-/// What woke a parked pump.
-enum Wake {
-    Readable,
-    Order(Order),
-    Deadline,
+    fn publish_counts(&mut self) {
+        let counted = std::mem::take(&mut self.counted);
+        self.stats.add(counted.frames, counted.bytes);
+    }
 }
 
 async fn forward<S, W>(
@@ -389,162 +341,99 @@ where
     S: Source,
     W: AsyncWrite + Unpin,
 {
-    let at_boundary = AtomicBool::new(true);
-    // Client frames must be masked.
-    let require_mask = state.direction == Direction::ToUpstream;
+    let direction = state.direction;
+    let role = match direction {
+        // The client side is read as its server: its frames must be masked.
+        Direction::ToUpstream => Role::Server,
+        Direction::ToClient => Role::Client,
+    };
+    let mut frames = FrameReader::new(role, max_frame_bytes);
+    let mut next = None;
     loop {
-        {
-            let tracked = Tracked::new(&mut *source, require_mask, &at_boundary);
-            let mut frames = reader(tracked, state.direction, max_frame_bytes);
-            let park_at = S::PARKS.then_some(&at_boundary);
-            // Boxed: a parked pump then holds neither the reader nor its in-flight state.
-            if let Some(end) = Box::pin(forward_frames(&mut frames, park_at, sink, state)).await {
-                return end;
-            }
+        // Boxed: a waiting pump then holds only its reader and the wait.
+        let forwarded = Box::pin(forward_ready(&mut frames, source, sink, state, next)).await;
+        if let Some(end) = forwarded {
+            return end;
         }
-        // Parked: the reader and its buffer are gone. Wait for bytes, an order or the deadline.
-        loop {
-            let deadline = state.closing_deadline();
-            // Biased: no random draw per wake; orders are also checked between frames.
-            let wake = tokio::select! {
-                biased;
-                _ = std::future::poll_fn(|cx| source.poll_readable(cx)) => Wake::Readable,
-                order = state.orders.next() => Wake::Order(order),
-                _ = until(deadline) => Wake::Deadline,
-            };
-            match wake {
-                // A read error shows up on the next read.
-                Wake::Readable => break,
-                // The closing steps are boxed so a parked pump does not carry their space.
-                Wake::Deadline => return Box::pin(close_instead(sink, state.closing.take())).await,
-                Wake::Order(Order::Ping) => {
-                    // Boxed: a write in flight is 320 bytes a parked pump need not carry.
-                    if let Err(e) = Box::pin(send_ping(sink)).await {
-                        return PumpEnd::SinkFailed(e.to_string());
-                    }
-                }
-                Wake::Order(Order::CloseAfterSource(order)) => state.close_after_source(order),
-                Wake::Order(Order::Close(order)) => {
-                    let close_timeout = state.close_timeout;
-                    Box::pin(async {
-                        write_order(sink, *order).await;
-                        let tracked = Tracked::new(&mut *source, require_mask, &at_boundary);
-                        let mut frames = reader(tracked, state.direction, max_frame_bytes);
-                        drain_until_close(&mut frames, Instant::now() + close_timeout).await;
-                    })
-                    .await;
-                    return PumpEnd::Ordered;
-                }
-            }
-        }
+        frames.release();
+        next = match wait_for_frame(&mut frames, source, sink, state).await {
+            Ok(head) => Some(head),
+            Err(end) => return end,
+        };
     }
 }
 
-/// Forward frames from one reader. `None` when the pump may park: `park_at` is set, a read
-/// would block, and every byte the reader was given is in frames already forwarded, so
-/// dropping the reader loses nothing.
-async fn forward_frames<R, W>(
-    source: &mut WebSocketRead<R>,
-    park_at: Option<&AtomicBool>,
+/// Forward the frames that can be read without waiting, starting with `next` if the wait
+/// already found one. `None` once a read would block (all that was forwarded is flushed).
+/// Every step that may wait, other than the read and the flush, is boxed: this future is
+/// part of every session, and the rare steps are large.
+async fn forward_ready<S, W>(
+    frames: &mut FrameReader,
+    source: &mut S,
     sink: &mut FrameWriter<W>,
     state: &mut PumpState<'_>,
+    mut next: Option<Result<Head, WebSocketError>>,
 ) -> Option<PumpEnd>
 where
-    R: AsyncRead + Unpin,
+    S: Source,
     W: AsyncWrite + Unpin,
 {
     let direction = state.direction;
-    let close_timeout = state.close_timeout;
-    let mut send = no_obligated_send;
     loop {
-        // Between frames no read is in flight, so an order can be carried out here at no risk;
-        // this is what stops a source that never pauses (a replica streaming non-stop).
+        // Between frames: carry out the orders that came in meanwhile. This is what stops a
+        // source that never pauses (a replica streaming non-stop).
         while let Some(order) = state.orders.take() {
             match order {
                 Order::Ping => {
-                    if let Err(e) = sink.write_frame(keepalive_ping()).await {
+                    if let Err(e) = Box::pin(sink.write_frame(keepalive_ping())).await {
                         return Some(PumpEnd::SinkFailed(e.to_string()));
                     }
                 }
-                Order::Close(received) => {
-                    write_order(sink, *received).await;
-                    drain_until_close(source, Instant::now() + close_timeout).await;
-                    return Some(PumpEnd::Ordered);
+                Order::Close(order) => {
+                    let close_timeout = state.close_timeout;
+                    let closing = close_ordered(frames, source, sink, *order, close_timeout);
+                    return Some(Box::pin(closing).await);
                 }
-                Order::CloseAfterSource(received) => state.close_after_source(received),
+                Order::CloseAfterSource(order) => state.close_after_source(order),
             }
         }
         if let Some(deadline) = state.closing_deadline() {
             if Instant::now() >= deadline {
-                return Some(close_instead(sink, state.closing.take()).await);
+                return Some(Box::pin(close_instead(sink, state.closing.take())).await);
             }
         }
-        // `read_frame` is not cancel-safe: the in-flight read stays pinned and is polled to
-        // its end even while an order is carried out.
-        let step = {
-            let read = source.read_frame(&mut send);
-            tokio::pin!(read);
-            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
-                Poll::Ready(result) => Step::Read(result),
-                Poll::Pending => {
-                    // Nothing more to read right now: push out what was coalesced.
-                    state.stats.add(
-                        std::mem::take(&mut state.counted.frames),
-                        std::mem::take(&mut state.counted.bytes),
-                    );
-                    if let Err(e) = sink.flush().await {
-                        return Some(PumpEnd::SinkFailed(e.to_string()));
-                    }
-                    if park_at.is_some_and(|at| at.load(Ordering::Relaxed)) {
-                        // The pending read holds no bytes: dropping it is safe.
-                        return None;
-                    }
-                    loop {
-                        let deadline = state.closing_deadline();
-                        tokio::select! {
-                            biased;
-                            result = &mut read => break Step::Read(result),
-                            order = state.orders.next() => match order {
-                                Order::Ping => {
-                                    if let Err(e) = send_ping(sink).await {
-                                        return Some(PumpEnd::SinkFailed(e.to_string()));
-                                    }
-                                }
-                                Order::Close(received) => {
-                                    write_order(sink, *received).await;
-                                    let deadline = Instant::now() + close_timeout;
-                                    break Step::Ordered(tokio::time::timeout_at(deadline, &mut read).await, deadline);
-                                }
-                                Order::CloseAfterSource(received) => state.close_after_source(received),
-                            },
-                            _ = until(deadline) => {
-                                return Some(close_instead(sink, state.closing.take()).await);
-                            }
+        let head = match next.take() {
+            Some(head) => head,
+            None => {
+                match std::future::poll_fn(|cx| Poll::Ready(frames.poll_frame(cx, source))).await {
+                    Poll::Ready(head) => head,
+                    Poll::Pending => {
+                        // Nothing more to read right now: push out what was coalesced.
+                        state.publish_counts();
+                        if let Err(e) = sink.flush().await {
+                            return Some(PumpEnd::SinkFailed(e.to_string()));
                         }
+                        return None;
                     }
                 }
             }
         };
-
-        let frame = match step {
-            Step::Ordered(Ok(Ok(frame)), deadline) => {
-                if frame.opcode != OpCode::Close {
-                    drain_until_close(source, deadline).await;
-                }
-                return Some(PumpEnd::Ordered);
-            }
-            Step::Ordered(_, _) => return Some(PumpEnd::Ordered),
-            Step::Read(Ok(frame)) => frame,
-            Step::Read(Err(error)) => {
-                return Some(source_failed(sink, direction, error, state.closing.take()).await)
+        let frame = match head.and_then(|head| frames.take(head)) {
+            Ok(frame) => frame,
+            Err(error) => {
+                return Some(
+                    Box::pin(source_failed(sink, direction, error, state.closing.take())).await,
+                )
             }
         };
         if frame.opcode == OpCode::Close {
             if let Some(error) = close_payload_error(&frame.payload) {
-                return Some(source_failed(sink, direction, error, state.closing.take()).await);
+                return Some(
+                    Box::pin(source_failed(sink, direction, error, state.closing.take())).await,
+                );
             }
             if state.closing.is_some() {
-                return Some(close_instead(sink, state.closing.take()).await);
+                return Some(Box::pin(close_instead(sink, state.closing.take())).await);
             }
         }
 
@@ -563,7 +452,13 @@ where
             // The client's mask key is reused when the frame is re-masked for the replica.
             Direction::ToUpstream => frame,
         };
-        if let Err(e) = sink.write_frame(frame).await {
+        // Most frames are queued without waiting; the rest wait in a box, so the pump does not
+        // carry the space of a write in flight.
+        let written = match sink.try_queue(frame) {
+            Ok(Some(frame)) => Box::pin(sink.write_frame(frame)).await,
+            other => other.map(drop),
+        };
+        if let Err(e) = written {
             return Some(PumpEnd::SinkFailed(e.to_string()));
         }
         if is_close {
@@ -573,6 +468,69 @@ where
             return Some(PumpEnd::SourceClosed);
         }
     }
+}
+
+/// Wait for the next whole frame, carrying out orders meanwhile; `Err` when the pump ended
+/// while waiting. An empty reader on a source that parks first waits for the socket to turn
+/// readable, so a quiet peer costs no read buffer.
+async fn wait_for_frame<S, W>(
+    frames: &mut FrameReader,
+    source: &mut S,
+    sink: &mut FrameWriter<W>,
+    state: &mut PumpState<'_>,
+) -> Result<Result<Head, WebSocketError>, PumpEnd>
+where
+    S: Source,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let deadline = state.closing_deadline();
+        // Biased: no random draw per wake; orders are also checked between frames.
+        let order = tokio::select! {
+            biased;
+            head = std::future::poll_fn(|cx| {
+                if S::PARKS && frames.is_empty() {
+                    ready!(source.poll_readable(cx))?;
+                }
+                frames.poll_frame(cx, source)
+            }) => return Ok(head),
+            order = state.orders.next() => order,
+            // The closing steps are boxed so a waiting pump does not carry their space.
+            _ = until(deadline) => return Err(Box::pin(close_instead(sink, state.closing.take())).await),
+        };
+        match order {
+            Order::Ping => {
+                // Boxed: a write in flight is 320 bytes a waiting pump need not carry.
+                if let Err(e) = Box::pin(send_ping(sink)).await {
+                    return Err(PumpEnd::SinkFailed(e.to_string()));
+                }
+            }
+            Order::CloseAfterSource(order) => state.close_after_source(order),
+            Order::Close(order) => {
+                let close_timeout = state.close_timeout;
+                return Err(
+                    Box::pin(close_ordered(frames, source, sink, *order, close_timeout)).await,
+                );
+            }
+        }
+    }
+}
+
+/// Carry out a [`Order::Close`]: write it, then read until the source's Close (bounded).
+async fn close_ordered<R, W>(
+    frames: &mut FrameReader,
+    source: &mut R,
+    sink: &mut FrameWriter<W>,
+    order: CloseOrder,
+    close_timeout: Duration,
+) -> PumpEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    write_order(sink, order).await;
+    drain_until_close(frames, source, Instant::now() + close_timeout).await;
+    PumpEnd::Ordered
 }
 
 /// The source failed: tell the sink's peer why (or what it was promised, when the session

@@ -46,28 +46,62 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Queue `frame` (or write it out now if it is large); nothing is sent before
     /// [`FrameWriter::flush`] unless the buffer fills. A frame read from a client keeps that
     /// client's mask when written as a client: the bytes on the wire are the client's.
-    pub async fn write_frame(&mut self, mut frame: Frame<'_>) -> Result<(), WebSocketError> {
-        if self.closed {
-            return Err(WebSocketError::ConnectionClosed);
-        }
-        self.closed = frame.opcode == OpCode::Close;
-        if self.masks {
-            frame.mask();
-        }
-        let mut head = [0u8; MAX_HEAD_BYTES];
-        let head_len = frame.fmt_head(&mut head);
-        let total = head_len + frame.payload.len();
+    pub async fn write_frame(&mut self, frame: Frame<'_>) -> Result<(), WebSocketError> {
+        let total = self.check(&frame)?;
         if self.buf.len() + total > MAX_BUFFERED_BYTES {
             std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
         }
         if self.buf.is_empty() && total >= DIRECT_WRITE_BYTES {
+            let mut frame = self.prepare(frame);
             frame.writev(&mut self.inner).await?;
         } else {
-            self.buf.reserve(total);
-            self.buf.extend_from_slice(&head[..head_len]);
-            self.buf.extend_from_slice(&frame.payload);
+            self.append(frame);
         }
         Ok(())
+    }
+
+    /// Queue `frame` if that needs no waiting: it is small and fits in the buffer (most
+    /// frames). Otherwise the frame comes back untouched, for [`FrameWriter::write_frame`].
+    /// This keeps the caller's future small: it need not hold a write in flight.
+    pub fn try_queue<'f>(&mut self, frame: Frame<'f>) -> Result<Option<Frame<'f>>, WebSocketError> {
+        let total = self.check(&frame)?;
+        if total >= DIRECT_WRITE_BYTES || self.buf.len() + total > MAX_BUFFERED_BYTES {
+            return Ok(Some(frame));
+        }
+        self.append(frame);
+        Ok(None)
+    }
+
+    /// The frame's size on the wire, if it may be written at all.
+    fn check(&self, frame: &Frame<'_>) -> Result<usize, WebSocketError> {
+        if self.closed {
+            return Err(WebSocketError::ConnectionClosed);
+        }
+        let len = frame.payload.len();
+        let length_bytes = match len {
+            0..=125 => 0,
+            126..=0xffff => 2,
+            _ => 8,
+        };
+        Ok(2 + length_bytes + if self.masks { 4 } else { 0 } + len)
+    }
+
+    /// Mask the frame if this side masks, and note a Close.
+    fn prepare<'f>(&mut self, mut frame: Frame<'f>) -> Frame<'f> {
+        self.closed = frame.opcode == OpCode::Close;
+        if self.masks {
+            frame.mask();
+        }
+        frame
+    }
+
+    fn append(&mut self, frame: Frame<'_>) {
+        let mut frame = self.prepare(frame);
+        let mut head = [0u8; MAX_HEAD_BYTES];
+        let head_len = frame.fmt_head(&mut head);
+        self.buf.reserve(head_len + frame.payload.len());
+        self.buf.extend_from_slice(&head[..head_len]);
+        self.buf.extend_from_slice(&frame.payload);
     }
 
     /// Write out everything queued.
@@ -106,14 +140,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::framing::Tracked;
-    use fastwebsockets::{Payload, WebSocketRead};
-    use std::sync::atomic::AtomicBool;
+    use crate::proxy::reader::FrameReader;
+    use fastwebsockets::Payload;
     use tokio::io::AsyncReadExt;
-
-    fn reader<R: tokio::io::AsyncRead + Unpin>(read: R, role: Role) -> WebSocketRead<R> {
-        crate::proxy::pump::frame_reader(read, role, 1 << 20)
-    }
 
     #[tokio::test]
     async fn small_frames_wait_for_flush_and_large_ones_pass_in_order() {
@@ -141,15 +170,14 @@ mod tests {
         w.shutdown().await.unwrap();
         drop(w);
 
-        let mut frames = reader(b, Role::Client);
-        let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), io::Error>(()));
+        let mut frames = FrameReader::new(Role::Client, 1 << 20);
         for (opcode, payload) in [
             (OpCode::Text, &b"one"[..]),
             (OpCode::Binary, b"two"),
             (OpCode::Binary, &big),
             (OpCode::Text, b"end"),
         ] {
-            let frame = frames.read_frame(&mut send).await.unwrap();
+            let frame = frames.read_frame(&mut b).await.unwrap();
             assert_eq!((frame.opcode, &frame.payload[..]), (opcode, payload));
         }
     }
@@ -172,19 +200,50 @@ mod tests {
 
         let mut wire = Vec::new();
         b.read_to_end(&mut wire).await.unwrap();
-        // Followed through the check that fails on any unmasked frame.
-        let (mut source, at_boundary) = (&wire[..], AtomicBool::new(true));
-        let mut frames = reader(Tracked::new(&mut source, true, &at_boundary), Role::Server);
-        let mut send = |_: Frame<'_>| std::future::ready(Ok::<(), io::Error>(()));
+        // Read as a server, which fails on any unmasked frame.
+        let mut source = &wire[..];
+        let mut frames = FrameReader::new(Role::Server, 1 << 20);
         for size in [5, 300, 20_000] {
-            let frame = frames.read_frame(&mut send).await.unwrap();
+            let frame = frames.read_frame(&mut source).await.unwrap();
             assert_eq!(&frame.payload[..], &vec![b'p'; size][..]);
         }
-        let close = frames.read_frame(&mut send).await.unwrap();
+        let close = frames.read_frame(&mut source).await.unwrap();
         assert_eq!(close.opcode, OpCode::Close);
         assert!(
-            frames.read_frame(&mut send).await.is_err(),
+            frames.read_frame(&mut source).await.is_err(),
             "nothing after the close"
         );
+    }
+
+    #[tokio::test]
+    async fn try_queue_takes_small_frames_and_hands_back_large_ones() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a, Role::Server);
+        assert!(w
+            .try_queue(Frame::text(Payload::Borrowed(b"small")))
+            .unwrap()
+            .is_none());
+        let big = vec![b'x'; DIRECT_WRITE_BYTES];
+        let back = w.try_queue(Frame::binary(Payload::Borrowed(&big))).unwrap();
+        let back = back.expect("a large frame is not queued");
+        assert_eq!(back.payload.len(), big.len());
+        w.write_frame(back).await.unwrap();
+        w.write_frame(Frame::close(1000, b"")).await.unwrap();
+        assert!(matches!(
+            w.try_queue(Frame::text(Payload::Borrowed(b"late"))),
+            Err(WebSocketError::ConnectionClosed)
+        ));
+        w.shutdown().await.unwrap();
+        drop(w);
+
+        let mut frames = FrameReader::new(Role::Client, 1 << 20);
+        for (opcode, len) in [
+            (OpCode::Text, 5),
+            (OpCode::Binary, big.len()),
+            (OpCode::Close, 2),
+        ] {
+            let frame = frames.read_frame(&mut b).await.unwrap();
+            assert_eq!((frame.opcode, frame.payload.len()), (opcode, len));
+        }
     }
 }
