@@ -9,8 +9,9 @@
 //!
 //! Checks, as fastwebsockets makes them (auto-close and auto-pong off): reserved bits, opcode,
 //! fragmented control frames, ping payloads over 125 bytes, the frame size limit, UTF-8 of
-//! unfragmented text frames. And one it does not: a server fails a client's frame that is not
-//! masked (RFC 6455 5.1).
+//! unfragmented text frames. And two it does not: no control frame may carry over 125 bytes
+//! (fastwebsockets checks pings only), and a server fails a client's frame that is not masked
+//! (RFC 6455 5.1).
 
 use std::io;
 use std::pin::Pin;
@@ -178,8 +179,14 @@ impl FrameReader {
         if matches!(opcode, OpCode::Close | OpCode::Ping | OpCode::Pong) && !fin {
             return Err(WebSocketError::ControlFrameFragmented);
         }
-        if opcode == OpCode::Ping && payload_len > 125 {
-            return Err(WebSocketError::PingFrameTooLarge);
+        if payload_len > 125 {
+            // RFC 6455 5.5: no control frame carries more.
+            match opcode {
+                OpCode::Ping => return Err(WebSocketError::PingFrameTooLarge),
+                OpCode::Close => return Err(WebSocketError::InvalidCloseFrame),
+                OpCode::Pong => return Err(WebSocketError::InvalidValue),
+                _ => {}
+            }
         }
         if payload_len > self.max_frame_bytes as u64 {
             return Err(WebSocketError::FrameTooLarge);
@@ -307,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn broken_frames_fail_with_the_matching_error() {
         type Expected = fn(&WebSocketError) -> bool;
-        let cases: [(Vec<u8>, Expected); 5] = [
+        let cases: [(Vec<u8>, Expected); 7] = [
             (vec![0xC2, 0x00], |e| {
                 matches!(e, WebSocketError::ReservedBitsNotZero)
             }),
@@ -319,6 +326,12 @@ mod tests {
             }),
             (frame_bytes(0x9, &[0; 126], None), |e| {
                 matches!(e, WebSocketError::PingFrameTooLarge)
+            }),
+            (frame_bytes(0x8, &[0x03; 126], None), |e| {
+                matches!(e, WebSocketError::InvalidCloseFrame)
+            }),
+            (frame_bytes(0xA, &[0; 126], None), |e| {
+                matches!(e, WebSocketError::InvalidValue)
             }),
             (frame_bytes(0x1, &[0xff, 0xfe], None), |e| {
                 matches!(e, WebSocketError::InvalidUTF8)
