@@ -366,7 +366,7 @@ where
 /// Forward the frames that can be read without waiting, starting with `next` if the wait
 /// already found one. `None` once a read would block (all that was forwarded is flushed).
 /// Every step that may wait, other than the read and the flush, is boxed: this future is
-/// part of every session, and the rare steps are large.
+/// itself boxed on every wake, and the rare steps are large (880 bytes to copy, not 360).
 async fn forward_ready<S, W>(
     frames: &mut FrameReader,
     source: &mut S,
@@ -452,8 +452,8 @@ where
             // The client's mask key is reused when the frame is re-masked for the replica.
             Direction::ToUpstream => frame,
         };
-        // Most frames are queued without waiting; the rest wait in a box, so the pump does not
-        // carry the space of a write in flight.
+        // Most frames are queued without waiting; the rest wait in a box of their own (see
+        // above).
         let written = match sink.try_queue(frame) {
             Ok(Some(frame)) => Box::pin(sink.write_frame(frame)).await,
             other => other.map(drop),
