@@ -405,7 +405,11 @@ where
         let head = match next.take() {
             Some(head) => head,
             None => {
-                match std::future::poll_fn(|cx| Poll::Ready(frames.poll_frame(cx, source))).await {
+                match std::future::poll_fn(|cx| {
+                    Poll::Ready(frames.poll_frame_or_stream(cx, source))
+                })
+                .await
+                {
                     Poll::Ready(head) => head,
                     Poll::Pending => {
                         // Nothing more to read right now: push out what was coalesced.
@@ -418,6 +422,20 @@ where
                 }
             }
         };
+        if let Some(head) = head
+            .as_ref()
+            .ok()
+            .filter(|head| head.is_streamed())
+            .copied()
+        {
+            mark(state.heard, heard::ANY | heard::FORWARDED);
+            state.counted.frames += 1;
+            state.counted.bytes += head.payload_len() as u64;
+            if let Err(end) = Box::pin(stream_frame(frames, source, sink, state, head)).await {
+                return Some(end);
+            }
+            continue;
+        }
         let frame = match head.and_then(|head| frames.take(head)) {
             Ok(frame) => frame,
             Err(error) => {
@@ -470,6 +488,111 @@ where
     }
 }
 
+/// Pass a streamed frame on as its payload arrives: the header first (with the first
+/// bytes), then each read as it comes, the bytes unchanged. Orders that arrive meanwhile wait
+/// for the end of the frame, as nothing can be put inside it. A Close order that the frame
+/// does not reach the end of within the close timeout, or a closing deadline passing, gives up
+/// the frame and the session. A source that fails mid-frame gets its frame completed with
+/// padding, so the failure notice after it reaches the sink's peer as a frame of its own.
+async fn stream_frame<S, W>(
+    frames: &mut FrameReader,
+    source: &mut S,
+    sink: &mut FrameWriter<W>,
+    state: &mut PumpState<'_>,
+    head: Head,
+) -> Result<(), PumpEnd>
+where
+    S: Source,
+    W: AsyncWrite + Unpin,
+{
+    let streamed = frames.start_stream(head);
+    let sink_failed = |e: WebSocketError| PumpEnd::SinkFailed(e.to_string());
+    sink.queue_raw_head(streamed.bytes()).map_err(sink_failed)?;
+    let mut ping_owed = false;
+    let mut close_order: Option<(Box<CloseOrder>, Instant)> = None;
+    while frames.stream_left() > 0 {
+        let chunk = frames.stream_chunk();
+        if !chunk.is_empty() {
+            let n = chunk.len();
+            sink.write_raw(chunk).await.map_err(sink_failed)?;
+            frames.consume_stream(n);
+            continue;
+        }
+        let give_up_at = match (
+            close_order.as_ref().map(|(_, at)| *at),
+            state.closing_deadline(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tokio::select! {
+            biased;
+            filled = std::future::poll_fn(|cx| frames.poll_fill(cx, source)) => {
+                if let Err(error) = filled {
+                    if !pad_frame(frames, sink, streamed.mask, state.close_timeout).await {
+                        // The sink's peer cannot be told more than the broken frame.
+                        return Err(PumpEnd::SourceFailed {
+                            owed_close: close_code_for(&error),
+                            error: error.to_string(),
+                        });
+                    }
+                    let closing = state.closing.take();
+                    return Err(source_failed(sink, state.direction, error, closing).await);
+                }
+            }
+            order = state.orders.next(), if close_order.is_none() => match order {
+                Order::Ping => ping_owed = true,
+                Order::CloseAfterSource(order) => state.close_after_source(order),
+                Order::Close(order) => {
+                    close_order = Some((order, Instant::now() + state.close_timeout));
+                }
+            },
+            _ = until(give_up_at) => return Err(PumpEnd::Ordered),
+        }
+    }
+    if ping_owed {
+        sink.write_frame(keepalive_ping())
+            .await
+            .map_err(sink_failed)?;
+    }
+    if let Some((order, _)) = close_order {
+        let close_timeout = state.close_timeout;
+        return Err(close_ordered(frames, source, sink, *order, close_timeout).await);
+    }
+    Ok(())
+}
+
+/// Complete a streamed frame whose source failed: the payload it still owes, as zeros (under
+/// the frame's mask, so they arrive as zeros), within `timeout`. Whether it was completed.
+async fn pad_frame<W: AsyncWrite + Unpin>(
+    frames: &FrameReader,
+    sink: &mut FrameWriter<W>,
+    mask: Option<[u8; 4]>,
+    timeout: Duration,
+) -> bool {
+    const PAD_CHUNK: usize = 16 * 1024;
+    let mut left = frames.stream_left();
+    // Masked zeros are the mask key's bytes, in step with the payload position.
+    let phase = frames.stream_done() % 4;
+    let pad: Vec<u8> = (0..PAD_CHUNK.min(left))
+        .map(|i| mask.map_or(0, |key| key[(phase + i) % 4]))
+        .collect();
+    let padding = async {
+        while left > 0 {
+            // Chunks are whole multiples of 4, so the mask phase holds from one to the next.
+            let n = left.min(pad.len());
+            if sink.write_raw(&pad[..n]).await.is_err() {
+                return false;
+            }
+            left -= n;
+        }
+        true
+    };
+    tokio::time::timeout(timeout, padding)
+        .await
+        .unwrap_or(false)
+}
+
 /// Wait for the next whole frame, carrying out orders meanwhile; `Err` when the pump ended
 /// while waiting. An empty reader on a source that parks first waits for the socket to turn
 /// readable, so a quiet peer costs no read buffer.
@@ -492,7 +615,7 @@ where
                 if S::PARKS && frames.is_empty() {
                     ready!(source.poll_readable(cx))?;
                 }
-                frames.poll_frame(cx, source)
+                frames.poll_frame_or_stream(cx, source)
             }) => return Ok(head),
             order = state.orders.next() => order,
             // The closing steps are boxed so a waiting pump does not carry their space.

@@ -104,6 +104,55 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.buf.extend_from_slice(&frame.payload);
     }
 
+    /// Queue a streamed frame's header: its payload follows through
+    /// [`FrameWriter::write_raw`], and the header goes out with its first bytes.
+    pub fn queue_raw_head(&mut self, head: &[u8]) -> Result<(), WebSocketError> {
+        if self.closed {
+            return Err(WebSocketError::ConnectionClosed);
+        }
+        self.buf.extend_from_slice(head);
+        Ok(())
+    }
+
+    /// Write out what is queued, then `bytes` (part of a streamed payload, sent as it is: a
+    /// masked client payload keeps its mask), in vectored writes.
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), WebSocketError> {
+        let mut sent = 0;
+        std::future::poll_fn(|cx| self.poll_write_after_buffer(cx, bytes, &mut sent)).await?;
+        Ok(())
+    }
+
+    fn poll_write_after_buffer(
+        &mut self,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+        sent: &mut usize,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let queued = &self.buf[self.written..];
+            let rest = &bytes[*sent..];
+            let n = if queued.is_empty() {
+                if rest.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                ready!(Pin::new(&mut self.inner).poll_write(cx, rest))?
+            } else {
+                let slices = [io::IoSlice::new(queued), io::IoSlice::new(rest)];
+                ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &slices))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let from_queue = n.min(queued.len());
+            self.written += from_queue;
+            *sent += n - from_queue;
+            if from_queue > 0 && self.written == self.buf.len() {
+                self.buf = Vec::new();
+                self.written = 0;
+            }
+        }
+    }
+
     /// Write out everything queued.
     pub async fn flush(&mut self) -> Result<(), WebSocketError> {
         std::future::poll_fn(|cx| self.poll_drain(cx)).await?;

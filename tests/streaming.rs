@@ -1,0 +1,241 @@
+//! Large binary frames are streamed: passed on as their payload arrives, never buffered whole.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use fastwebsockets::{Frame, OpCode, Payload};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Larger than the size from which the router streams a frame.
+const FRAME: usize = 1 << 20;
+const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+
+/// A replica that accepts one upgrade, then hands each chunk it reads to the test; `after_101`
+/// is written right after the 101.
+async fn recording_replica(after_101: Vec<u8>) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (chunks, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.unwrap());
+        }
+        let accept = accept_for(&String::from_utf8_lossy(&head));
+        let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
+        stream.write_all(response.as_bytes()).await.unwrap();
+        stream.write_all(&after_101).await.unwrap();
+        if after_101.is_empty() {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || chunks.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        }
+        // With something written after the 101, the replica then dies: the socket drops.
+    });
+    (addr, received)
+}
+
+/// Read from `received` until `len` bytes have come.
+async fn receive(received: &mut mpsc::UnboundedReceiver<Vec<u8>>, len: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    bounded("bytes at the replica", async {
+        while got.len() < len {
+            got.extend(received.recv().await.expect("replica connection open"));
+        }
+    })
+    .await;
+    got
+}
+
+fn masked(payload: &[u8], offset: usize) -> Vec<u8> {
+    payload
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ KEY[(offset + i) % 4])
+        .collect()
+}
+
+#[tokio::test]
+async fn a_large_frame_reaches_the_replica_before_the_client_has_sent_all_of_it() {
+    let (replica, mut received) = recording_replica(Vec::new()).await;
+    let router = start_always_healthy(&[format!("http://{replica}")], "").await;
+    let mut client = raw_upgrade(router.addr).await;
+
+    let payload: Vec<u8> = (0..FRAME).map(|i| (i * 7 % 251) as u8).collect();
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
+    head.extend_from_slice(&KEY);
+    let first = 128 * 1024;
+    client.write_all(&head).await.unwrap();
+    client
+        .write_all(&masked(&payload[..first], 0))
+        .await
+        .unwrap();
+
+    // Only part of the frame is sent, and it is already upstream: header and bytes unchanged
+    // (the client's mask key is kept).
+    let got = receive(&mut received, head.len() + first).await;
+    assert_eq!(&got[..head.len()], &head[..]);
+    assert_eq!(
+        &got[head.len()..head.len() + first],
+        &masked(&payload[..first], 0)[..]
+    );
+
+    client
+        .write_all(&masked(&payload[first..], first))
+        .await
+        .unwrap();
+    let rest = receive(&mut received, head.len() + FRAME - got.len()).await;
+    let mut wire = got;
+    wire.extend(rest);
+    assert_eq!(wire.len(), head.len() + FRAME);
+    assert_eq!(&wire[head.len()..], &masked(&payload, 0)[..]);
+}
+
+#[tokio::test]
+async fn large_and_fragmented_binary_messages_echo_intact() {
+    let (_replica, router) = single_echo("").await;
+    let mut ws = connect(router.addr).await;
+    ws.set_max_message_size(4 * FRAME);
+    let whole: Vec<u8> = (0..FRAME).map(|i| (i % 253) as u8).collect();
+    ws.write_frame(Frame::binary(Payload::Borrowed(&whole)))
+        .await
+        .unwrap();
+    let echoed = read(&mut ws).await;
+    assert_eq!(echoed.opcode, OpCode::Binary);
+    assert!(echoed.payload[..] == whole[..], "1 MiB frame changed");
+
+    // A message in three fragments, two of them streamed, then a small text frame after it.
+    let parts: [&[u8]; 3] = [
+        &whole[..300_000],
+        &whole[300_000..310_000],
+        &whole[310_000..],
+    ];
+    for (i, part) in parts.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Binary
+        } else {
+            OpCode::Continuation
+        };
+        let fin = i == parts.len() - 1;
+        ws.write_frame(Frame::new(fin, opcode, None, Payload::Borrowed(part)))
+            .await
+            .unwrap();
+    }
+    for (i, part) in parts.iter().enumerate() {
+        let frame = read(&mut ws).await;
+        let opcode = if i == 0 {
+            OpCode::Binary
+        } else {
+            OpCode::Continuation
+        };
+        assert_eq!((frame.opcode, frame.fin), (opcode, i == parts.len() - 1));
+        assert!(frame.payload[..] == part[..], "fragment {i} changed");
+    }
+    echo_once(&mut ws, b"after").await;
+}
+
+#[tokio::test]
+async fn a_replica_dying_mid_frame_still_gets_its_client_worker_failed_and_1011() {
+    // The replica starts a 1 MiB binary frame, sends 100 KiB of it and dies.
+    let sent = 100 * 1024;
+    let mut start = vec![0x82, 127];
+    start.extend_from_slice(&(FRAME as u64).to_be_bytes());
+    start.extend(std::iter::repeat_n(0xab, sent));
+    let (replica, _received) = recording_replica(start).await;
+    let router = start_always_healthy(&[format!("http://{replica}")], "").await;
+    let mut ws = connect(router.addr).await;
+    ws.set_max_message_size(4 * FRAME);
+
+    // The frame arrives completed, so the notice after it is readable.
+    let frame = read(&mut ws).await;
+    assert_eq!((frame.opcode, frame.payload.len()), (OpCode::Binary, FRAME));
+    assert!(frame.payload[..sent].iter().all(|&b| b == 0xab));
+    assert!(frame.payload[sent..].iter().all(|&b| b == 0));
+    let (json, code, reason) = read_error_and_close(&mut ws).await;
+    assert_eq!(json["code"], "worker_failed");
+    assert_eq!((code, reason.as_str()), (1011, "worker_failed"));
+}
+
+#[tokio::test]
+async fn a_client_dying_mid_frame_gets_the_replica_a_completed_frame_and_1001() {
+    let (replica, mut received) = recording_replica(Vec::new()).await;
+    let router = start_always_healthy(&[format!("http://{replica}")], "").await;
+    let mut client: TcpStream = raw_upgrade(router.addr).await;
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
+    head.extend_from_slice(&KEY);
+    let sent = 3001; // not a multiple of 4: the padding must stay in step with the mask
+    client.write_all(&head).await.unwrap();
+    client
+        .write_all(&masked(&vec![0xcd; sent], 0))
+        .await
+        .unwrap();
+    let mut wire = receive(&mut received, head.len() + sent).await;
+    drop(client);
+
+    // The rest of the frame (masked zeros), then a Close 1001 from the router.
+    bounded("the replica's side to end", async {
+        while let Some(chunk) = received.recv().await {
+            wire.extend(chunk);
+        }
+    })
+    .await;
+    let frame_end = head.len() + FRAME;
+    assert!(
+        wire.len() > frame_end,
+        "no close after the frame: {} of {frame_end} bytes",
+        wire.len()
+    );
+    let unmasked: Vec<u8> = masked(&wire[head.len()..frame_end], 0);
+    assert!(unmasked[..sent].iter().all(|&b| b == 0xcd));
+    assert!(unmasked[sent..].iter().all(|&b| b == 0), "padding is zeros");
+    let close = &wire[frame_end..];
+    assert_eq!(close[0], 0x88, "a Close frame follows");
+    let close_key = [close[2], close[3], close[4], close[5]];
+    let code = u16::from_be_bytes([close[6] ^ close_key[0], close[7] ^ close_key[1]]);
+    assert_eq!(code, 1001);
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_streamed_frame_to_end_before_its_close() {
+    let (replica, mut received) = recording_replica(Vec::new()).await;
+    let mut router = start_always_healthy(&[format!("http://{replica}")], "").await;
+    let mut client = raw_upgrade(router.addr).await;
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
+    head.extend_from_slice(&KEY);
+    client.write_all(&head).await.unwrap();
+    client.write_all(&masked(&[1; 1000], 0)).await.unwrap();
+    let mut wire = receive(&mut received, head.len() + 1000).await;
+
+    let _drain = tokio::spawn(async move { router.shutdown().await });
+    // The client finishes its frame after shutdown began (the pause only makes it likely that
+    // the close order reaches the pump mid-frame); the Close may only follow the frame.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .write_all(&masked(&vec![1; FRAME - 1000], 1000))
+        .await
+        .unwrap();
+    let rest = receive(&mut received, head.len() + FRAME + 2 - wire.len()).await;
+    wire.extend(rest);
+    assert_eq!(
+        wire[head.len() + FRAME],
+        0x88,
+        "the Close comes after the frame"
+    );
+    let (first, payload) = read_raw_frame(&mut client)
+        .await
+        .expect("the client's Close");
+    assert_eq!(first, 0x88);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+}
