@@ -16,6 +16,14 @@ def ratio(value, base):
     return f"{value / base:.2f}" if base else "-"
 
 
+def paired(runs, base_runs, key):
+    """Median over rounds of the ratio within each round: steadier than the ratio of medians
+    when the machine's speed drifts between rounds."""
+    base = {r.get("round", 1): r[key] for r in base_runs}
+    ratios = [r[key] / base[r.get("round", 1)] for r in runs if base.get(r.get("round", 1))]
+    return f"{median(ratios):.2f}" if ratios else "-"
+
+
 def main(path):
     rows = [json.loads(line) for line in open(path) if line.strip()]
     echo = defaultdict(list)
@@ -33,8 +41,8 @@ def main(path):
             idle[r["target"]] = r
     rounds = max((r.get("round", 1) for r in rows), default=1)
     print(f"Echo load, median of {rounds} interleaved round(s); ratios are msgs/s against the peer.\n")
-    print("| size | conns | target | msgs/s | MB/s | p50 ms | p99 ms | proxy CPU us/msg | vs nginx | vs direct |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| size | conns | target | msgs/s | MB/s | p50 ms | p99 ms | proxy CPU us/msg | vs nginx | vs nginx per round | vs direct |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size, conns in sorted({(s, c) for s, c, _ in echo}):
         med = {}
         for t in TARGETS:
@@ -51,10 +59,11 @@ def main(path):
             label = "64 KiB" if size == 65536 else f"{size} B"
             print(f"| {label} | {conns} | {t} | {m['msgs_per_s']:,.0f} | {m['mb_per_s']:,.1f} | {m['p50_us'] / 1000:.2f} | "
                   f"{m['p99_us'] / 1000:.2f} | {cpu} | {ratio(m['msgs_per_s'], med.get('nginx', {}).get('msgs_per_s'))} | "
+                  f"{paired(echo[(size, conns, t)], echo.get((size, conns, 'nginx'), []), 'msgs_per_s')} | "
                   f"{ratio(m['msgs_per_s'], med.get('direct', {}).get('msgs_per_s'))} |")
     if shakes:
-        print("\n| target | handshakes/s | connect p50 ms | connect p99 ms | proxy CPU us/handshake | vs nginx | vs direct |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| target | handshakes/s | connect p50 ms | connect p99 ms | proxy CPU us/handshake | vs nginx | vs nginx per round | vs direct |")
+        print("|---|---|---|---|---|---|---|---|")
         hs = {t: median([r["handshakes_per_s"] for r in shakes[t]]) for t in shakes}
         for t in TARGETS:
             if t in shakes:
@@ -62,7 +71,8 @@ def main(path):
                 p99 = median([r["p99_us"] for r in shakes[t]]) / 1000
                 cpu = [r["proxy_cpu_s"] * 1e6 / r["handshakes"] for r in shakes[t] if r.get("handshakes") and "proxy_cpu_s" in r]
                 cpu = f"{median(cpu):.1f}" if cpu and t != "direct" else "-"
-                print(f"| {t} | {hs[t]:,.0f} | {p50:.2f} | {p99:.2f} | {cpu} | {ratio(hs[t], hs.get('nginx'))} | {ratio(hs[t], hs.get('direct'))} |")
+                print(f"| {t} | {hs[t]:,.0f} | {p50:.2f} | {p99:.2f} | {cpu} | {ratio(hs[t], hs.get('nginx'))} | "
+                      f"{paired(shakes[t], shakes.get('nginx', []), 'handshakes_per_s')} | {ratio(hs[t], hs.get('direct'))} |")
     if idle:
         print("\n| target | idle sessions held | RSS per idle session | sessions dead after hold |")
         print("|---|---|---|---|")
