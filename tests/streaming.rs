@@ -56,6 +56,22 @@ async fn receive(received: &mut mpsc::UnboundedReceiver<Vec<u8>>, len: usize) ->
     got
 }
 
+/// The header of a masked 1 MiB binary client frame, in its shortest form.
+fn masked_head() -> Vec<u8> {
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
+    head.extend_from_slice(&KEY);
+    head
+}
+
+fn fragment_opcode(index: usize) -> OpCode {
+    if index == 0 {
+        OpCode::Binary
+    } else {
+        OpCode::Continuation
+    }
+}
+
 fn masked(payload: &[u8], offset: usize) -> Vec<u8> {
     payload
         .iter()
@@ -71,9 +87,7 @@ async fn a_large_frame_reaches_the_replica_before_the_client_has_sent_all_of_it(
     let mut client = raw_upgrade(router.addr).await;
 
     let payload: Vec<u8> = (0..FRAME).map(|i| (i * 7 % 251) as u8).collect();
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
-    head.extend_from_slice(&KEY);
+    let head = masked_head();
     let first = 128 * 1024;
     client.write_all(&head).await.unwrap();
     client
@@ -121,11 +135,7 @@ async fn large_and_fragmented_binary_messages_echo_intact() {
         &whole[310_000..],
     ];
     for (i, part) in parts.iter().enumerate() {
-        let opcode = if i == 0 {
-            OpCode::Binary
-        } else {
-            OpCode::Continuation
-        };
+        let opcode = fragment_opcode(i);
         let fin = i == parts.len() - 1;
         ws.write_frame(Frame::new(fin, opcode, None, Payload::Borrowed(part)))
             .await
@@ -133,11 +143,7 @@ async fn large_and_fragmented_binary_messages_echo_intact() {
     }
     for (i, part) in parts.iter().enumerate() {
         let frame = read(&mut ws).await;
-        let opcode = if i == 0 {
-            OpCode::Binary
-        } else {
-            OpCode::Continuation
-        };
+        let opcode = fragment_opcode(i);
         assert_eq!((frame.opcode, frame.fin), (opcode, i == parts.len() - 1));
         assert!(frame.payload[..] == part[..], "fragment {i} changed");
     }
@@ -171,9 +177,7 @@ async fn a_client_dying_mid_frame_gets_the_replica_a_completed_frame_and_1001() 
     let (replica, mut received) = recording_replica(Vec::new()).await;
     let router = start_always_healthy(&[format!("http://{replica}")], "").await;
     let mut client: TcpStream = raw_upgrade(router.addr).await;
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
-    head.extend_from_slice(&KEY);
+    let head = masked_head();
     let sent = 3001; // not a multiple of 4: the padding must stay in step with the mask
     client.write_all(&head).await.unwrap();
     client
@@ -211,9 +215,7 @@ async fn shutdown_waits_for_a_streamed_frame_to_end_before_its_close() {
     let (replica, mut received) = recording_replica(Vec::new()).await;
     let mut router = start_always_healthy(&[format!("http://{replica}")], "").await;
     let mut client = raw_upgrade(router.addr).await;
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
-    head.extend_from_slice(&KEY);
+    let head = masked_head();
     client.write_all(&head).await.unwrap();
     client.write_all(&masked(&[1; 1000], 0)).await.unwrap();
     let mut wire = receive(&mut received, head.len() + 1000).await;
