@@ -510,12 +510,14 @@ where
     sink.queue_raw_head(streamed.bytes()).map_err(sink_failed)?;
     let mut ping_owed = false;
     let mut close_order: Option<(Box<CloseOrder>, Instant)> = None;
-    while frames.stream_left() > 0 {
-        let chunk = frames.stream_chunk();
+    let mut left = streamed.payload_len;
+    while left > 0 {
+        let chunk = frames.stream_chunk(left);
         if !chunk.is_empty() {
             let n = chunk.len();
             sink.write_raw(chunk).await.map_err(sink_failed)?;
             frames.consume_stream(n);
+            left -= n;
             continue;
         }
         let give_up_at = match (
@@ -529,7 +531,8 @@ where
             biased;
             filled = std::future::poll_fn(|cx| frames.poll_fill(cx, source)) => {
                 if let Err(error) = filled {
-                    if !pad_frame(frames, sink, streamed.mask, state.close_timeout).await {
+                    let done = streamed.payload_len - left;
+                    if !pad_frame(sink, streamed.mask, done, left, state.close_timeout).await {
                         // The sink's peer cannot be told more than the broken frame.
                         return Err(PumpEnd::SourceFailed {
                             owed_close: close_code_for(&error),
@@ -565,15 +568,15 @@ where
 /// Complete a streamed frame whose source failed: the payload it still owes, as zeros (under
 /// the frame's mask, so they arrive as zeros), within `timeout`. Whether it was completed.
 async fn pad_frame<W: AsyncWrite + Unpin>(
-    frames: &FrameReader,
     sink: &mut FrameWriter<W>,
     mask: Option<[u8; 4]>,
+    done: usize,
+    mut left: usize,
     timeout: Duration,
 ) -> bool {
     const PAD_CHUNK: usize = 16 * 1024;
-    let mut left = frames.stream_left();
     // Masked zeros are the mask key's bytes, in step with the payload position.
-    let phase = frames.stream_done() % 4;
+    let phase = done % 4;
     let pad: Vec<u8> = (0..PAD_CHUNK.min(left))
         .map(|i| mask.map_or(0, |key| key[(phase + i) % 4]))
         .collect();

@@ -79,6 +79,7 @@ pub struct StreamedHead {
     bytes: [u8; 14],
     len: usize,
     pub mask: Option<[u8; 4]>,
+    pub payload_len: usize,
 }
 
 impl StreamedHead {
@@ -94,10 +95,6 @@ pub struct FrameReader {
     /// Server side: every frame must be masked.
     requires_mask: bool,
     max_frame_bytes: usize,
-    /// Payload bytes of the streamed frame not handed out yet.
-    stream_left: usize,
-    /// Payload bytes of the streamed frame handed out so far.
-    stream_done: usize,
 }
 
 impl FrameReader {
@@ -109,8 +106,6 @@ impl FrameReader {
             start: 0,
             requires_mask: role == Role::Server,
             max_frame_bytes,
-            stream_left: 0,
-            stream_done: 0,
         }
     }
 
@@ -154,7 +149,6 @@ impl FrameReader {
         source: &mut R,
         may_stream: bool,
     ) -> Poll<Result<Head, WebSocketError>> {
-        debug_assert_eq!(self.stream_left, 0, "a streamed payload is still coming");
         loop {
             let need = match self.parse_head()? {
                 Some(mut head) => {
@@ -195,12 +189,11 @@ impl FrameReader {
     /// Begin handing out a streamed frame's payload: returns the header to send on. Then
     /// [`FrameReader::stream_chunk`], [`FrameReader::consume_stream`] and
     /// [`FrameReader::poll_fill`] pass the payload on as it is read, still masked (a client's
-    /// frame goes on to the replica under the client's own mask key).
+    /// frame goes on to the replica under the client's own mask key). The caller counts the
+    /// payload bytes still to come (the reader keeps no room for it: every session holds one).
     pub fn start_stream(&mut self, head: Head) -> StreamedHead {
         debug_assert!(head.streamed);
         self.start += head.head_len;
-        self.stream_left = head.payload_len;
-        self.stream_done = 0;
         let mut bytes = [0u8; 14];
         bytes[0] = (head.fin as u8) << 7 | head.opcode as u8;
         let mask_bit = if head.mask.is_some() { 0x80 } else { 0 };
@@ -228,30 +221,20 @@ impl FrameReader {
             bytes,
             len,
             mask: head.mask,
+            payload_len: head.payload_len,
         }
     }
 
-    /// Payload bytes of the streamed frame still to come, and those handed out already.
-    pub fn stream_left(&self) -> usize {
-        self.stream_left
-    }
-
-    pub fn stream_done(&self) -> usize {
-        self.stream_done
-    }
-
-    /// The streamed payload bytes read and not yet handed out (empty: call `poll_fill`).
-    pub fn stream_chunk(&self) -> &[u8] {
-        let end = self.buf.len().min(self.start + self.stream_left);
+    /// The streamed payload bytes read and not yet handed out, of the `left` still to come
+    /// (empty: call `poll_fill`).
+    pub fn stream_chunk(&self, left: usize) -> &[u8] {
+        let end = self.buf.len().min(self.start + left);
         &self.buf[self.start..end]
     }
 
     /// The first `n` bytes of [`FrameReader::stream_chunk`] were passed on.
     pub fn consume_stream(&mut self, n: usize) {
-        debug_assert!(n <= self.stream_chunk().len());
         self.start += n;
-        self.stream_left -= n;
-        self.stream_done += n;
     }
 
     /// Read more of a streamed payload once [`FrameReader::stream_chunk`] is empty.
@@ -261,7 +244,7 @@ impl FrameReader {
         cx: &mut Context<'_>,
         source: &mut R,
     ) -> Poll<Result<(), WebSocketError>> {
-        debug_assert!(self.stream_chunk().is_empty());
+        debug_assert!(self.is_empty());
         self.buf.clear();
         self.start = 0;
         if self.buf.capacity() < STREAM_READ_BYTES {
