@@ -6,11 +6,13 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fastwebsockets::{Frame, OpCode, Payload, Role};
 use wsrouter::balance::Balancer;
+use wsrouter::close::RequestId;
 use wsrouter::config::Config;
 use wsrouter::config::Policy;
-use wsrouter::proxy::pump::{self, Direction};
-use wsrouter::proxy::FrameWriter;
+use wsrouter::frames::FrameWriter;
+use wsrouter::metrics::DirectionStats;
 use wsrouter::registry::{Observation, Registry};
+use wsrouter::relay::{self, Direction};
 
 const FRAMES: usize = 1000;
 
@@ -59,24 +61,27 @@ async fn pump_frames(size: usize) {
         }
         assert_eq!(n, FRAMES);
     });
-    let inbox = pump::Inbox::default();
-    let stats = wsrouter::proxy::stats::DirectionStats::default();
+    let inbox = relay::Inbox::default();
+    let stats = DirectionStats::default();
     let heard = std::sync::atomic::AtomicU8::new(0);
-    let link = pump::Link {
+    let link = relay::Link {
         orders: &inbox,
         stats: &stats,
+        replica_stats: &stats,
         heard: &heard,
+        request_id: RequestId(1),
     };
-    let end = pump::pump(
-        &mut source,
-        &mut sink,
-        Direction::ToUpstream,
-        link,
-        Duration::from_secs(1),
-        16 << 20,
-    )
-    .await;
-    assert!(matches!(end, pump::PumpEnd::SourceClosed), "{end:?}");
+    let limits = relay::SessionLimits {
+        close_timeout: Duration::from_secs(1),
+        max_frame_bytes: 16 << 20,
+    };
+    let state = relay::PumpState::new(Direction::ToUpstream, link, &limits);
+    let outcome = relay::pump(&mut source, &mut sink, state).await;
+    assert!(
+        matches!(outcome.end, relay::PumpEnd::SourceClosed { .. }),
+        "{:?}",
+        outcome.end
+    );
     reader.await.unwrap();
     drop(writer.await.unwrap());
 }

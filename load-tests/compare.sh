@@ -4,6 +4,8 @@
 #
 #   load-tests/compare.sh              # full run (about 15 minutes on 2 cores)
 #   ROUNDS=1 DURATION=2 load-tests/compare.sh   # quick look
+#   BASELINE=/path/to/old/wsrouter TARGETS="baseline wsrouter" load-tests/compare.sh
+#                                      # this build against an earlier one, alternating
 #
 # Everything binds 127.0.0.1, every run is bounded in time, and all processes are stopped at
 # exit. The FD limit is raised as far as the hard limit allows (20000 here): peers are sized to
@@ -18,9 +20,12 @@ SIZES=${SIZES:-"64 65536"}
 CONNECTIONS=${CONNECTIONS:-"64 1000"}
 IDLE_SESSIONS=${IDLE_SESSIONS:-2000}
 OUT=${OUT:-load-tests/results}
-TARGETS="direct nginx haproxy wsrouter"
+BASELINE=${BASELINE:-}
+TARGETS=${TARGETS:-"direct nginx haproxy ${BASELINE:+baseline }wsrouter"}
 REPLICA_PORTS=(18001 18002)
-declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002)
+declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002 [baseline]=19003)
+wants() { [[ " $TARGETS " == *" $1 "* ]]; }
+if wants baseline && [ ! -x "$BASELINE" ]; then echo "compare.sh: BASELINE=$BASELINE is not an executable wsrouter" >&2; exit 2; fi
 
 # Two cores: the proxy under test gets core 0, the load generator and replicas core 1.
 if [ "$(nproc)" -ge 2 ]; then PROXY_CPU="taskset -c 0"; LOAD_CPU="taskset -c 1"; else PROXY_CPU=""; LOAD_CPU=""; fi
@@ -36,7 +41,7 @@ install_peers() {
   rm -f /usr/sbin/policy-rc.d
 }
 
-install_peers
+if wants nginx || wants haproxy; then install_peers; fi
 cargo build --release -q -p wsrouter -p wsload
 BIN=target/release
 WORK=$(mktemp -d)
@@ -58,23 +63,39 @@ for port in "${REPLICA_PORTS[@]}"; do
   PIDS+=($!)
 done
 
-cat > "$WORK/wsrouter.toml" <<CONF
+# Both wsrouter builds get the same settings; per-client limits are off because all the load
+# comes from one address (an earlier build may not know those keys: they go in this one only).
+router_config() {
+  cat <<CONF
 [listen]
 host = "127.0.0.1"
-port = ${PORT[wsrouter]}
+port = $1
 workers = 1
 [limits]
-max_sessions = 60000
+max_sessions = 9000
+$2
 [[replicas]]
 url = "http://127.0.0.1:${REPLICA_PORTS[0]}"
 primary = true
 [[replicas]]
 url = "http://127.0.0.1:${REPLICA_PORTS[1]}"
 CONF
-RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
-WSROUTER_PID=$!
-PIDS+=($WSROUTER_PID)
+}
+WSROUTER_PID="" BASELINE_PID=""
+if wants wsrouter; then
+  router_config "${PORT[wsrouter]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' > "$WORK/wsrouter.toml"
+  RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
+  WSROUTER_PID=$!
+  PIDS+=($WSROUTER_PID)
+fi
+if wants baseline; then
+  router_config "${PORT[baseline]}" "" > "$WORK/baseline.toml"
+  RUST_LOG=wsrouter=warn $PROXY_CPU "$BASELINE" --config "$WORK/baseline.toml" 2>"$WORK/baseline.log" &
+  BASELINE_PID=$!
+  PIDS+=($BASELINE_PID)
+fi
 
+if wants nginx; then
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1;
 worker_rlimit_nofile 20000;
@@ -104,6 +125,9 @@ http {
 CONF
 $PROXY_CPU nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" &
 PIDS+=($!)
+fi
+
+if wants haproxy; then
 
 cat > "$WORK/haproxy.cfg" <<CONF
 global
@@ -125,11 +149,13 @@ CONF
 $PROXY_CPU haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/haproxy.log" &
 HAPROXY_PID=$!
 PIDS+=($HAPROXY_PID)
+fi
 
 # Process ids whose CPU and memory are the target's own (none for a direct connection).
 target_pids() {
   case "$1" in
     wsrouter) echo "$WSROUTER_PID" ;;
+    baseline) echo "$BASELINE_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     nginx) local master; master=$(cat "$WORK/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
     direct) echo "" ;;
@@ -190,7 +216,8 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "round $round: $t $(echo "$line" | grep -o '"handshakes_per_s":[0-9.]*')" >&2
   done
 done
-for t in nginx haproxy wsrouter; do
+for t in $TARGETS; do
+  [ "$t" = direct ] && continue
   pid_args=""
   for p in $(target_pids "$t"); do pid_args="$pid_args --pid $p"; done
   line=$($LOAD_CPU $BIN/wsload idle --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" \

@@ -24,13 +24,15 @@ fleet_replica() {
     pids+=($!)
 }
 
-# fleet_router PORT EXTRA_TOML REPLICA_PORT...: start wsrouter (the first replica is the
-# primary) and wait until it reports every replica healthy; sets `router_pid`.
+# fleet_router PORT LIMITS EXTRA_TOML REPLICA_PORT...: start wsrouter (the first replica is
+# the primary) and wait until it reports every replica healthy; sets `router_pid`. LIMITS are
+# lines for [limits]; the per-client limits are off, as all the load comes from one address.
 fleet_router() {
-    local port=$1 extra=$2 primary=true replica
-    shift 2
+    local port=$1 limits=$2 extra=$3 primary=true replica
+    shift 3
     {
-        printf '[listen]\nhost = "127.0.0.1"\nport = %s\n\n[health_check]\ninterval_seconds = 0.5\n\n%s\n' "$port" "$extra"
+        printf '[listen]\nhost = "127.0.0.1"\nport = %s\n\n[health_check]\ninterval_seconds = 0.5\n\n' "$port"
+        printf '[limits]\nmax_connections_per_client = 0\nmax_sessions_per_client = 0\n%s\n\n%s\n' "$limits" "$extra"
         for replica in "$@"; do
             printf '\n[[replicas]]\nurl = "http://127.0.0.1:%s"\nprimary = %s\n' "$replica" "$primary"
             primary=false

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Scale: hold SESSIONS (default 10,000) idle WebSocket sessions through wsrouter for HOLD
 # seconds (default 60), then check every one still echoes; prints the router's RSS per
-# session. Fails if any session could not be opened or died during the hold.
+# session. Fails if any session could not be opened or died during the hold, or (release
+# builds) if an idle session costs more than MAX_KIB_PER_SESSION (default 4) of RSS.
 #
 #   load-tests/idle_scale.sh
 #   SESSIONS=2000 HOLD=5 PROFILE=debug load-tests/idle_scale.sh
@@ -14,12 +15,14 @@ ROOT=$PWD
 SESSIONS=${SESSIONS:-10000}
 HOLD=${HOLD:-60}
 PROFILE=${PROFILE:-release}
+MAX_KIB_PER_SESSION=${MAX_KIB_PER_SESSION:-4}
 WORK=$ROOT/target/idle-scale
 
 ulimit -n "$(ulimit -Hn)"
 limit=$(ulimit -n)
-# Router: two descriptors per session plus listener, health probes, stdio and slack.
-fit=$(( (limit - 64) / 2 ))
+# Router: two descriptors per session plus what it keeps for itself (listeners, probes, event
+# loops, stdio; it refuses to start with limits that do not fit).
+fit=$(( (limit - 128) / 2 ))
 if (( SESSIONS > fit )); then
     echo "idle_scale.sh: open-file limit is $limit (hard limit; raising it needs CAP_SYS_RESOURCE): holding $fit sessions instead of $SESSIONS"
     SESSIONS=$fit
@@ -32,19 +35,24 @@ fleet_build
 replica_port=$(free_port)
 router_port=$(free_port)
 fleet_replica "$replica_port" "$((HOLD + 600))"
-fleet_router "$router_port" "[limits]"$'\n'"max_sessions = $SESSIONS" "$replica_port"
+fleet_router "$router_port" "max_connections = $SESSIONS"$'\n'"max_sessions = $SESSIONS" "" "$replica_port"
 
 echo "idle_scale.sh: opening $SESSIONS sessions through wsrouter (pid $router_pid), holding them ${HOLD} s"
 "$bin/wsload" idle --url "ws://127.0.0.1:$router_port/v1/stream" --label wsrouter \
     --connections "$SESSIONS" --hold "$HOLD" --pid "$router_pid" | tee "$WORK/result.json"
-python3 - "$WORK/result.json" "$SESSIONS" <<'PY'
+python3 - "$WORK/result.json" "$SESSIONS" "$PROFILE" "$MAX_KIB_PER_SESSION" <<'PY'
 import json, sys
 result = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 wanted = int(sys.argv[2])
+profile, max_kib = sys.argv[3], float(sys.argv[4])
 print(f"held {result['held']} of {wanted}, open errors {result['open_errors']}, "
       f"dead after the hold {result['dead_after_hold']}, "
       f"router RSS {result['rss_before_bytes'] >> 10} KiB -> {result['rss_during_bytes'] >> 10} KiB, "
       f"{result['rss_per_session_bytes'] / 1024:.1f} KiB per session")
 ok = result["held"] == wanted and result["open_errors"] == 0 and result["dead_after_hold"] == 0
+per_session_kib = result["rss_per_session_bytes"] / 1024
+if profile == "release" and per_session_kib > max_kib:
+    print(f"idle_scale.sh: {per_session_kib:.2f} KiB per idle session is over the budget of {max_kib} KiB")
+    ok = False
 sys.exit(0 if ok else 1)
 PY

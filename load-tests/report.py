@@ -5,7 +5,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "haproxy", "wsrouter"]
+TARGETS = ["direct", "nginx", "haproxy", "baseline", "wsrouter"]
 
 
 def median(values):
@@ -41,8 +41,10 @@ def main(path):
             idle[r["target"]] = r
     rounds = max((r.get("round", 1) for r in rows), default=1)
     print(f"Echo load, median of {rounds} interleaved round(s); ratios are msgs/s against the peer.\n")
-    print("| size | conns | target | msgs/s | MB/s | p50 ms | p99 ms | proxy CPU us/msg | vs nginx | vs nginx per round | vs direct |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    has_base = any(t == "baseline" for _, _, t in echo)
+    base_head = " vs baseline per round |" if has_base else ""
+    print("| size | conns | target | msgs/s | MB/s | p50 ms | p99 ms | proxy CPU us/msg | vs nginx | vs nginx per round | vs direct |" + base_head)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_base else ""))
     for size, conns in sorted({(s, c) for s, c, _ in echo}):
         med = {}
         for t in TARGETS:
@@ -60,10 +62,13 @@ def main(path):
             print(f"| {label} | {conns} | {t} | {m['msgs_per_s']:,.0f} | {m['mb_per_s']:,.1f} | {m['p50_us'] / 1000:.2f} | "
                   f"{m['p99_us'] / 1000:.2f} | {cpu} | {ratio(m['msgs_per_s'], med.get('nginx', {}).get('msgs_per_s'))} | "
                   f"{paired(echo[(size, conns, t)], echo.get((size, conns, 'nginx'), []), 'msgs_per_s')} | "
-                  f"{ratio(m['msgs_per_s'], med.get('direct', {}).get('msgs_per_s'))} |")
+                  f"{ratio(m['msgs_per_s'], med.get('direct', {}).get('msgs_per_s'))} |"
+                  + (f" {paired(echo[(size, conns, t)], echo.get((size, conns, 'baseline'), []), 'msgs_per_s')} |" if has_base else ""))
     if shakes:
-        print("\n| target | handshakes/s | connect p50 ms | connect p99 ms | proxy CPU us/handshake | vs nginx | vs nginx per round | vs direct |")
-        print("|---|---|---|---|---|---|---|---|")
+        has_base = "baseline" in shakes
+        print("\n| target | handshakes/s | connect p50 ms | connect p99 ms | proxy CPU us/handshake | vs nginx | vs nginx per round | vs direct |"
+              + (" vs baseline per round |" if has_base else ""))
+        print("|---|---|---|---|---|---|---|---|" + ("---|" if has_base else ""))
         hs = {t: median([r["handshakes_per_s"] for r in shakes[t]]) for t in shakes}
         for t in TARGETS:
             if t in shakes:
@@ -72,7 +77,8 @@ def main(path):
                 cpu = [r["proxy_cpu_s"] * 1e6 / r["handshakes"] for r in shakes[t] if r.get("handshakes") and "proxy_cpu_s" in r]
                 cpu = f"{median(cpu):.1f}" if cpu and t != "direct" else "-"
                 print(f"| {t} | {hs[t]:,.0f} | {p50:.2f} | {p99:.2f} | {cpu} | {ratio(hs[t], hs.get('nginx'))} | "
-                      f"{paired(shakes[t], shakes.get('nginx', []), 'handshakes_per_s')} | {ratio(hs[t], hs.get('direct'))} |")
+                      f"{paired(shakes[t], shakes.get('nginx', []), 'handshakes_per_s')} | {ratio(hs[t], hs.get('direct'))} |"
+                      + (f" {paired(shakes[t], shakes.get('baseline', []), 'handshakes_per_s')} |" if has_base else ""))
     if idle:
         print("\n| target | idle sessions held | RSS per idle session | sessions dead after hold |")
         print("|---|---|---|---|")

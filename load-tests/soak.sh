@@ -25,7 +25,7 @@ secondary_port=$(free_port)
 router_port=$(free_port)
 fleet_replica "$primary_port" "$((DURATION + 300))"
 fleet_replica "$secondary_port" "$((DURATION + 300))"
-fleet_router "$router_port" $'[balance]\npolicy = "least_sessions"' "$primary_port" "$secondary_port"
+fleet_router "$router_port" "" $'[balance]\npolicy = "least_sessions"' "$primary_port" "$secondary_port"
 
 url="ws://127.0.0.1:$router_port/v1/stream"
 : > "$WORK/rounds.jsonl"

@@ -231,10 +231,7 @@ mod tests {
     fn unhealthy_primary_is_skipped() {
         let reg = registry(Some(0), &[1.0; 3], "");
         set_healthy(&reg, &[0, 1, 2]);
-        let fail = Observation::Failure {
-            error: "x".into(),
-            latency: None,
-        };
+        let fail = Observation::Failure { error: "x".into() };
         for _ in 0..3 {
             reg.observe(&reg.replicas()[0], fail.clone());
         }
@@ -325,10 +322,7 @@ mod tests {
             );
         }
         // Replica 2 goes unhealthy: only its keys move.
-        let fail = Observation::Failure {
-            error: "x".into(),
-            latency: None,
-        };
+        let fail = Observation::Failure { error: "x".into() };
         for _ in 0..3 {
             reg.observe(&reg.replicas()[2], fail.clone());
         }

@@ -1,15 +1,16 @@
-//! Router configuration: one TOML file, parsed strictly and validated as a whole.
+//! Router configuration: one TOML file, parsed strictly, validated as a whole, and turned into
+//! typed settings (durations as [`Duration`], addresses parsed, every value within bounds).
 //!
-//! Parsing rejects unknown keys and wrong types (serde + toml report the key and line);
-//! [`Config::validate`] then checks the cross-field rules and names the offending key.
+//! [`file`] holds the TOML as written (serde rejects unknown keys and wrong types and names the
+//! key and line); [`Config::parse`] checks every rule and builds the typed [`Config`], naming the
+//! key at fault when a rule fails. Nothing that passes here can panic later: every duration and
+//! size has an upper bound.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-/// Why a config was rejected. The message always names the key (or file) at fault.
+/// Why a config was rejected. The message always names the key (or file) at fault, on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -23,6 +24,13 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
+impl ConfigError {
+    /// Whether the file could not be read at all (as opposed to read and found wrong).
+    pub fn is_read_error(&self) -> bool {
+        matches!(self, ConfigError::Read { .. })
+    }
+}
+
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -30,25 +38,85 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    #[serde(default)]
     pub listen: Listen,
-    #[serde(default)]
+    /// A separate listener for /status and /metrics; when unset they are on the public port.
+    pub admin: Option<Admin>,
+    pub log: Log,
     pub health_check: HealthCheck,
-    #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
     pub balance: Balance,
-    #[serde(default)]
     pub sessions: Sessions,
-    #[serde(default)]
     pub replicas: Vec<Replica>,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// Worker threads; `None` means one per CPU core.
+    pub workers: Option<usize>,
+    /// The path clients open their WebSocket on.
+    pub stream_path: String,
+    /// Front proxies whose X-Forwarded-For / X-Forwarded-Proto are believed.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: String,
+    /// Start to start, per replica.
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failure_threshold: u32,
+    pub recovery_threshold: u32,
+}
+
+/// The router's own limits and timeouts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Accepted connections, admitted or not; more are closed at once.
+    pub max_connections: usize,
+    /// Concurrent WebSocket sessions; more upgrade requests get 503.
+    pub max_sessions: usize,
+    /// Connections from one client address (IPv6: its /64); `usize::MAX` = no limit.
+    pub max_connections_per_client: usize,
+    /// Sessions of one client address; `usize::MAX` = no limit.
+    pub max_sessions_per_client: usize,
+    /// Whether max_connections / max_sessions were left at their defaults: the router may lower
+    /// those to fit the open-file limit (explicit values must fit, or it refuses to start).
+    pub connections_by_default: bool,
+    pub sessions_by_default: bool,
+    pub max_frame_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub close_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
 /// How sessions are spread over the replicas of one tier (primaries first, then the rest).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// Config order: the reference router's behaviour.
@@ -60,51 +128,8 @@ pub enum Policy {
     RoundRobin,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Balance {
-    pub policy: Policy,
-    /// Where a client's session key comes from; sessions with a key stick to one replica.
-    pub sticky_key: Option<StickyKey>,
-    /// Upstream handshakes a session may have in flight at once (fast join); 1 = one at a time.
-    pub race_candidates: usize,
-    /// How long an attempt runs alone before the next candidate joins the race.
-    pub race_delay_seconds: f64,
-}
-
-impl Default for Balance {
-    fn default() -> Self {
-        Balance {
-            policy: Policy::default(),
-            sticky_key: None,
-            race_candidates: 1,
-            race_delay_seconds: 0.1,
-        }
-    }
-}
-
-/// What the router does to live sessions. Every duration: 0 turns it off (the default).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Sessions {
-    /// Close sessions on a replica that turns unhealthy (retryable JSON, then 1012).
-    pub close_on_unhealthy: bool,
-    /// Close sessions older than this (retryable JSON, then 1012), so clients rebalance.
-    pub max_lifetime_seconds: f64,
-    /// Close a session when no frame has been forwarded either way for this long.
-    pub idle_timeout_seconds: f64,
-    /// Ping a side that has been silent this long; close the session if it stays silent as
-    /// long again.
-    pub ping_interval_seconds: f64,
-}
-
-/// `seconds` as a duration, or `None` for 0 (off).
-pub fn optional_seconds(seconds: f64) -> Option<Duration> {
-    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
-}
-
 /// The request part that carries the session key, e.g. `sticky_key = { query = "session_id" }`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum StickyKey {
     Query(String),
@@ -112,106 +137,309 @@ pub enum StickyKey {
     Cookie(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Listen {
-    pub host: String,
-    pub port: u16,
-    /// Worker threads, each running its own event loop and accepting from the shared
-    /// listener; `None` means one per CPU core.
-    pub workers: Option<usize>,
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balance {
+    pub policy: Policy,
+    pub sticky_key: Option<StickyKey>,
+    /// Upstream handshakes a session may have in flight at once (fast join); 1 = one at a time.
+    pub race_candidates: usize,
+    /// How long an attempt runs alone before the next candidate joins the race.
+    pub race_delay: Duration,
 }
 
-impl Default for Listen {
-    fn default() -> Self {
-        Listen {
-            host: "0.0.0.0".into(),
-            port: 9000,
-            workers: None,
-        }
-    }
+/// What the router does to live sessions; `None` turns a mechanism off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sessions {
+    pub close_on_unhealthy: bool,
+    pub max_lifetime: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub ping_interval: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthCheck {
-    pub path: String,
-    pub interval_seconds: f64,
-    pub timeout_seconds: f64,
-    pub failure_threshold: u32,
-    pub recovery_threshold: u32,
-}
-
-impl Default for HealthCheck {
-    fn default() -> Self {
-        HealthCheck {
-            path: "/health".into(),
-            interval_seconds: 5.0,
-            timeout_seconds: 2.0,
-            failure_threshold: 3,
-            recovery_threshold: 2,
-        }
-    }
-}
-
-/// The router's own limits and timeouts (not in the reference router).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Concurrent WebSocket sessions; further upgrade requests get 503.
-    pub max_sessions: usize,
-    /// Largest frame payload accepted from either side; larger ones end the session with 1009.
-    pub max_frame_bytes: usize,
-    /// A client must send its complete request head within this time.
-    pub header_read_timeout_seconds: f64,
-    /// TCP connect plus WebSocket handshake with one replica.
-    pub connect_timeout_seconds: f64,
-    /// How long to wait for the peer's Close reply once a close is under way.
-    pub close_timeout_seconds: f64,
-    /// On SIGTERM/SIGINT, how long live sessions get to close before the router exits.
-    pub drain_timeout_seconds: f64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_sessions: 10_000,
-            max_frame_bytes: 16 << 20,
-            header_read_timeout_seconds: 10.0,
-            connect_timeout_seconds: 5.0,
-            close_timeout_seconds: 5.0,
-            drain_timeout_seconds: 30.0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Replica {
+    pub name: String,
+    /// Normalised: `http://host:port`, no trailing "/".
     pub url: String,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
+    /// `host:port`, for connecting and for the Host header.
+    pub authority: String,
     pub primary: bool,
-    #[serde(default = "default_weight")]
     pub weight: f64,
-    /// Most concurrent sessions this replica takes; unset means no limit.
-    #[serde(default)]
+    /// Capacity; `None` means no limit.
     pub max_sessions: Option<usize>,
 }
 
-fn default_weight() -> f64 {
-    1.0
+/// An address block, `10.0.0.0/8` or `::1/128`; a bare address is a block of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
 }
 
-/// A validated replica address: `http://host:port` with the port made explicit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaAddr {
-    /// Normalised url, without a trailing "/".
-    pub url: String,
-    /// `host:port` as sent in the Host header and used to connect.
-    pub authority: String,
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u128::from(u32::from(net)) << 96,
+                u128::from(u32::from(ip)) << 96,
+                self.prefix,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(u128::from(net), u128::from(ip), self.prefix)
+            }
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6
+                .to_ipv4_mapped()
+                .is_some_and(|v4| self.contains(IpAddr::V4(v4))),
+            (IpAddr::V6(_), IpAddr::V4(v4)) => self.contains(IpAddr::V6(v4.to_ipv6_mapped())),
+        }
+    }
 }
+
+fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
+    prefix == 0 || (a ^ b) >> (128 - u32::from(prefix)) == 0
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address or address/prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix must be 0 to {max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Defaults, in one place (config/router.toml documents the same values).
+pub mod defaults {
+    pub const PORT: u16 = 9000;
+    pub const STREAM_PATH: &str = "/v1/stream";
+    pub const HEALTH_PATH: &str = "/health";
+    pub const INTERVAL_SECONDS: f64 = 5.0;
+    pub const TIMEOUT_SECONDS: f64 = 2.0;
+    pub const FAILURE_THRESHOLD: u32 = 3;
+    pub const RECOVERY_THRESHOLD: u32 = 2;
+    /// With the sessions' upstream connections this fits a 20,000-descriptor limit.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    pub const MAX_SESSIONS: usize = 8_000;
+    pub const MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+    pub const MAX_SESSIONS_PER_CLIENT: usize = 128;
+    pub const MAX_FRAME_BYTES: usize = 16 << 20;
+    pub const HEADER_READ_TIMEOUT_SECONDS: f64 = 10.0;
+    pub const CONNECT_TIMEOUT_SECONDS: f64 = 5.0;
+    pub const CLOSE_TIMEOUT_SECONDS: f64 = 5.0;
+    pub const DRAIN_TIMEOUT_SECONDS: f64 = 30.0;
+    pub const RACE_DELAY_SECONDS: f64 = 0.1;
+    /// A peer silent this long is pinged; silent as long again, it is gone.
+    pub const PING_INTERVAL_SECONDS: f64 = 30.0;
+    /// Nothing forwarded either way this long ends the session.
+    pub const IDLE_TIMEOUT_SECONDS: f64 = 600.0;
+}
+
+/// Upper bounds: beyond them a value is a typo (or would overflow a timer).
+mod bounds {
+    pub const SECONDS: f64 = 86_400.0;
+    pub const LIFETIME_SECONDS: f64 = 30.0 * 86_400.0;
+    pub const RACE_DELAY_SECONDS: f64 = 60.0;
+    pub const COUNT: usize = 10_000_000;
+    pub const FRAME_BYTES: usize = 1 << 30;
+    pub const WORKERS: usize = 1024;
+    pub const RACE_CANDIDATES: usize = 16;
+    pub const THRESHOLD: u32 = 1000;
+    pub const WEIGHT: f64 = 1_000_000.0;
+}
+
+/// The TOML file as written: every key optional except a replica's url.
+pub mod file {
+    use serde::Deserialize;
+
+    use super::{defaults, LogFormat, Policy, StickyKey};
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        #[serde(default)]
+        pub listen: Listen,
+        pub admin: Option<Admin>,
+        #[serde(default)]
+        pub log: Log,
+        #[serde(default)]
+        pub health_check: HealthCheck,
+        #[serde(default)]
+        pub limits: Limits,
+        #[serde(default)]
+        pub balance: Balance,
+        #[serde(default)]
+        pub sessions: Sessions,
+        #[serde(default)]
+        pub replicas: Vec<Replica>,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Listen {
+        pub host: String,
+        pub port: u16,
+        pub workers: Option<usize>,
+        pub stream_path: String,
+        pub trusted_proxies: Vec<String>,
+    }
+
+    impl Default for Listen {
+        fn default() -> Self {
+            Listen {
+                host: "0.0.0.0".into(),
+                port: defaults::PORT,
+                workers: None,
+                stream_path: defaults::STREAM_PATH.into(),
+                trusted_proxies: Vec::new(),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub listen: String,
+    }
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Log {
+        pub format: LogFormat,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct HealthCheck {
+        pub path: String,
+        pub interval_seconds: f64,
+        pub timeout_seconds: f64,
+        pub failure_threshold: u32,
+        pub recovery_threshold: u32,
+    }
+
+    impl Default for HealthCheck {
+        fn default() -> Self {
+            HealthCheck {
+                path: defaults::HEALTH_PATH.into(),
+                interval_seconds: defaults::INTERVAL_SECONDS,
+                timeout_seconds: defaults::TIMEOUT_SECONDS,
+                failure_threshold: defaults::FAILURE_THRESHOLD,
+                recovery_threshold: defaults::RECOVERY_THRESHOLD,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Limits {
+        pub max_connections: Option<usize>,
+        pub max_sessions: Option<usize>,
+        pub max_connections_per_client: usize,
+        pub max_sessions_per_client: usize,
+        pub max_frame_bytes: usize,
+        pub header_read_timeout_seconds: f64,
+        pub connect_timeout_seconds: f64,
+        pub close_timeout_seconds: f64,
+        pub drain_timeout_seconds: f64,
+    }
+
+    impl Default for Limits {
+        fn default() -> Self {
+            Limits {
+                max_connections: None,
+                max_sessions: None,
+                max_connections_per_client: defaults::MAX_CONNECTIONS_PER_CLIENT,
+                max_sessions_per_client: defaults::MAX_SESSIONS_PER_CLIENT,
+                max_frame_bytes: defaults::MAX_FRAME_BYTES,
+                header_read_timeout_seconds: defaults::HEADER_READ_TIMEOUT_SECONDS,
+                connect_timeout_seconds: defaults::CONNECT_TIMEOUT_SECONDS,
+                close_timeout_seconds: defaults::CLOSE_TIMEOUT_SECONDS,
+                drain_timeout_seconds: defaults::DRAIN_TIMEOUT_SECONDS,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Balance {
+        pub policy: Policy,
+        pub sticky_key: Option<StickyKey>,
+        pub race_candidates: usize,
+        pub race_delay_seconds: f64,
+    }
+
+    impl Default for Balance {
+        fn default() -> Self {
+            Balance {
+                policy: Policy::default(),
+                sticky_key: None,
+                race_candidates: 1,
+                race_delay_seconds: defaults::RACE_DELAY_SECONDS,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Sessions {
+        pub close_on_unhealthy: bool,
+        pub max_lifetime_seconds: f64,
+        pub idle_timeout_seconds: f64,
+        pub ping_interval_seconds: f64,
+    }
+
+    impl Default for Sessions {
+        fn default() -> Self {
+            Sessions {
+                close_on_unhealthy: false,
+                max_lifetime_seconds: 0.0,
+                idle_timeout_seconds: defaults::IDLE_TIMEOUT_SECONDS,
+                ping_interval_seconds: defaults::PING_INTERVAL_SECONDS,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Replica {
+        pub url: String,
+        #[serde(default)]
+        pub name: Option<String>,
+        #[serde(default)]
+        pub primary: bool,
+        #[serde(default = "default_weight")]
+        pub weight: f64,
+        #[serde(default)]
+        pub max_sessions: Option<usize>,
+    }
+
+    fn default_weight() -> f64 {
+        1.0
+    }
+}
+
+/// Paths the router answers itself; the stream path may not take one of them.
+pub const RESERVED_PATHS: [&str; 4] = ["/health", "/ready", "/status", "/metrics"];
 
 impl Config {
     /// Read, parse and validate a config file.
@@ -223,181 +451,34 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parse and validate TOML text; normalises replica urls (trailing "/") and default names.
+    /// Parse and validate TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let mut config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string().trim().into()))?;
-        config.validate()?;
-        Ok(config)
+        let file: file::File = toml::from_str(text).map_err(|e| {
+            // toml's message spans several lines (a source excerpt): one line per log event.
+            let text = e.to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            ConfigError::Parse(lines.join(" | "))
+        })?;
+        Config::from_file(file)
     }
 
-    fn validate(&mut self) -> Result<(), ConfigError> {
-        self.listen.host.parse::<IpAddr>().map_err(|_| {
-            invalid(
-                "listen.host",
-                format!("{:?} is not an IP address", self.listen.host),
-            )
-        })?;
-        if let Some(workers) = self.listen.workers {
-            if !(1..=MAX_WORKERS).contains(&workers) {
-                return Err(invalid(
-                    "listen.workers",
-                    format!("must be between 1 and {MAX_WORKERS}, got {workers}"),
-                ));
-            }
-        }
-
-        let hc = &self.health_check;
-        if !hc.path.starts_with('/') {
-            return Err(invalid(
-                "health_check.path",
-                format!("{:?} must start with \"/\"", hc.path),
-            ));
-        }
-        if hc.path.contains(['?', '#', ' ']) {
-            return Err(invalid(
-                "health_check.path",
-                "must be a plain path (no query, fragment or spaces)",
-            ));
-        }
-        positive_seconds("health_check.interval_seconds", hc.interval_seconds)?;
-        positive_seconds("health_check.timeout_seconds", hc.timeout_seconds)?;
-        if hc.failure_threshold < 1 {
-            return Err(invalid(
-                "health_check.failure_threshold",
-                "must be at least 1",
-            ));
-        }
-        if hc.recovery_threshold < 1 {
-            return Err(invalid(
-                "health_check.recovery_threshold",
-                "must be at least 1",
-            ));
-        }
-
-        if let Some(sticky) = &mut self.balance.sticky_key {
-            let (StickyKey::Query(name) | StickyKey::Header(name) | StickyKey::Cookie(name)) =
-                sticky;
-            if name.is_empty() || name.contains(['=', ';', '&', ' ']) {
-                return Err(invalid(
-                    "balance.sticky_key",
-                    format!("{name:?} is not a usable name"),
-                ));
-            }
-            if let StickyKey::Header(header) = sticky {
-                *header = header.to_ascii_lowercase();
-                if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
-                    return Err(invalid(
-                        "balance.sticky_key",
-                        format!("{header:?} is not a valid header name"),
-                    ));
-                }
-            }
-        }
-
-        if self.balance.race_candidates < 1 {
-            return Err(invalid(
-                "balance.race_candidates",
-                "must be at least 1 (1 means no racing)",
-            ));
-        }
-        let delay = self.balance.race_delay_seconds;
-        if !(delay.is_finite() && delay >= 0.0) {
-            return Err(invalid(
-                "balance.race_delay_seconds",
-                format!("must be a number of seconds >= 0, got {delay}"),
-            ));
-        }
-
-        let s = &self.sessions;
-        for (key, value) in [
-            ("sessions.max_lifetime_seconds", s.max_lifetime_seconds),
-            ("sessions.idle_timeout_seconds", s.idle_timeout_seconds),
-            ("sessions.ping_interval_seconds", s.ping_interval_seconds),
-        ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(invalid(
-                    key,
-                    format!("must be a number of seconds >= 0 (0 = off), got {value}"),
-                ));
-            }
-        }
-
-        let l = &self.limits;
-        if l.max_sessions < 1 {
-            return Err(invalid("limits.max_sessions", "must be at least 1"));
-        }
-        if l.max_frame_bytes < 125 {
-            return Err(invalid(
-                "limits.max_frame_bytes",
-                "must be at least 125 (the largest control frame)",
-            ));
-        }
-        positive_seconds(
-            "limits.header_read_timeout_seconds",
-            l.header_read_timeout_seconds,
-        )?;
-        positive_seconds("limits.connect_timeout_seconds", l.connect_timeout_seconds)?;
-        positive_seconds("limits.close_timeout_seconds", l.close_timeout_seconds)?;
-        positive_seconds("limits.drain_timeout_seconds", l.drain_timeout_seconds)?;
-
-        if self.replicas.is_empty() {
-            return Err(invalid(
-                "replicas",
-                "at least one [[replicas]] entry is required",
-            ));
-        }
-        let mut primary_seen: Option<usize> = None;
-        for i in 0..self.replicas.len() {
-            let key = |field: &str| format!("replicas[{i}].{field}");
-            let addr = parse_replica_url(&self.replicas[i].url)
-                .map_err(|reason| invalid(key("url"), reason))?;
-            let r = &mut self.replicas[i];
-            r.url = addr.url.clone();
-            if r.name.is_none() {
-                r.name = Some(addr.authority.clone());
-            }
-            if r.name.as_deref() == Some("") {
-                return Err(invalid(key("name"), "must not be empty"));
-            }
-            if !(r.weight.is_finite() && r.weight > 0.0) {
-                return Err(invalid(
-                    key("weight"),
-                    format!("must be a number greater than 0, got {}", r.weight),
-                ));
-            }
-            if r.max_sessions == Some(0) {
-                return Err(invalid(
-                    key("max_sessions"),
-                    "must be at least 1 (leave it out for no limit)",
-                ));
-            }
-            if r.primary {
-                if let Some(first) = primary_seen {
-                    return Err(invalid(key("primary"), format!("replicas[{first}] is already the primary; at most one replica may be primary")));
-                }
-                primary_seen = Some(i);
-            }
-            for j in 0..i {
-                let other = &self.replicas[j];
-                if other.url == self.replicas[i].url {
-                    return Err(invalid(
-                        key("url"),
-                        format!("duplicate of replicas[{j}].url {:?}", other.url),
-                    ));
-                }
-                if other.name == self.replicas[i].name {
-                    return Err(invalid(
-                        key("name"),
-                        format!(
-                            "duplicate of replicas[{j}].name {:?}",
-                            other.name.as_deref().unwrap_or("")
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
+    fn from_file(file: file::File) -> Result<Config, ConfigError> {
+        Ok(Config {
+            listen: listen(&file.listen)?,
+            admin: admin(file.admin.as_ref(), &file.listen)?,
+            log: Log {
+                format: file.log.format,
+            },
+            health_check: health_check(&file.health_check)?,
+            limits: limits(&file.limits)?,
+            balance: balance(file.balance)?,
+            sessions: sessions(&file.sessions)?,
+            replicas: replicas(&file.replicas)?,
+        })
     }
 
     /// Worker threads to run: `listen.workers`, or one per CPU core.
@@ -408,27 +489,373 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
-        let ip: IpAddr = self.listen.host.parse().expect("validated at load");
-        SocketAddr::new(ip, self.listen.port)
+        self.listen.addr
     }
 }
 
-/// More threads than this is a typo, not a machine.
-const MAX_WORKERS: usize = 1024;
+fn listen(file: &file::Listen) -> Result<Listen, ConfigError> {
+    let ip: IpAddr = file.host.parse().map_err(|_| {
+        invalid(
+            "listen.host",
+            format!("{:?} is not an IP address", file.host),
+        )
+    })?;
+    if let Some(workers) = file.workers {
+        in_range("listen.workers", workers, 1, bounds::WORKERS)?;
+    }
+    let path = &file.stream_path;
+    if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+        return Err(invalid(
+            "listen.stream_path",
+            format!("{path:?} must be a plain path starting with \"/\""),
+        ));
+    }
+    if RESERVED_PATHS.contains(&path.as_str()) {
+        return Err(invalid(
+            "listen.stream_path",
+            format!("{path:?} is one of the router's own endpoints"),
+        ));
+    }
+    let trusted_proxies = file
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            text.parse::<Cidr>()
+                .map_err(|reason| invalid(format!("listen.trusted_proxies[{i}]"), reason))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Listen {
+        addr: SocketAddr::new(ip, file.port),
+        workers: file.workers,
+        stream_path: path.clone(),
+        trusted_proxies,
+    })
+}
 
-fn positive_seconds(key: &str, value: f64) -> Result<(), ConfigError> {
-    // Upper bound keeps Duration::from_secs_f64 from panicking and catches unit mistakes.
-    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+fn admin(file: Option<&file::Admin>, listen: &file::Listen) -> Result<Option<Admin>, ConfigError> {
+    let Some(file) = file else { return Ok(None) };
+    let addr: SocketAddr = file.listen.parse().map_err(|_| {
+        invalid(
+            "admin.listen",
+            format!(
+                "{:?} is not an address like \"127.0.0.1:9901\"",
+                file.listen
+            ),
+        )
+    })?;
+    if addr.port() != 0 && addr.port() == listen.port {
+        return Err(invalid(
+            "admin.listen",
+            format!("port {} is already the public listen.port", addr.port()),
+        ));
+    }
+    Ok(Some(Admin { addr }))
+}
+
+fn health_check(file: &file::HealthCheck) -> Result<HealthCheck, ConfigError> {
+    if !file.path.starts_with('/') {
+        return Err(invalid(
+            "health_check.path",
+            format!("{:?} must start with \"/\"", file.path),
+        ));
+    }
+    if file.path.contains(['?', '#', ' ']) {
+        return Err(invalid(
+            "health_check.path",
+            "must be a plain path (no query, fragment or spaces)",
+        ));
+    }
+    in_range(
+        "health_check.failure_threshold",
+        file.failure_threshold,
+        1,
+        bounds::THRESHOLD,
+    )?;
+    in_range(
+        "health_check.recovery_threshold",
+        file.recovery_threshold,
+        1,
+        bounds::THRESHOLD,
+    )?;
+    Ok(HealthCheck {
+        path: file.path.clone(),
+        interval: positive_seconds("health_check.interval_seconds", file.interval_seconds)?,
+        timeout: positive_seconds("health_check.timeout_seconds", file.timeout_seconds)?,
+        failure_threshold: file.failure_threshold,
+        recovery_threshold: file.recovery_threshold,
+    })
+}
+
+fn limits(file: &file::Limits) -> Result<Limits, ConfigError> {
+    if let Some(sessions) = file.max_sessions {
+        in_range("limits.max_sessions", sessions, 1, bounds::COUNT)?;
+    }
+    if let Some(connections) = file.max_connections {
+        in_range("limits.max_connections", connections, 1, bounds::COUNT)?;
+    }
+    // A default gives way to an explicit value of the other: every session holds a connection.
+    let max_connections = match (file.max_connections, file.max_sessions) {
+        (Some(connections), _) => connections,
+        (None, Some(sessions)) => sessions.max(defaults::MAX_CONNECTIONS),
+        (None, None) => defaults::MAX_CONNECTIONS,
+    };
+    let max_sessions = file
+        .max_sessions
+        .unwrap_or(defaults::MAX_SESSIONS.min(max_connections));
+    if max_sessions > max_connections {
+        return Err(invalid(
+            "limits.max_sessions",
+            format!(
+                "{max_sessions} is more than limits.max_connections ({max_connections}): every session holds a client connection"
+            ),
+        ));
+    }
+    in_range(
+        "limits.max_connections_per_client",
+        file.max_connections_per_client,
+        0,
+        bounds::COUNT,
+    )?;
+    in_range(
+        "limits.max_sessions_per_client",
+        file.max_sessions_per_client,
+        0,
+        bounds::COUNT,
+    )?;
+    in_range(
+        "limits.max_frame_bytes",
+        file.max_frame_bytes,
+        125,
+        bounds::FRAME_BYTES,
+    )
+    .map_err(|_| {
+        invalid(
+            "limits.max_frame_bytes",
+            format!(
+                "must be between 125 (the largest control frame) and {} (1 GiB), got {}",
+                bounds::FRAME_BYTES,
+                file.max_frame_bytes
+            ),
+        )
+    })?;
+    let unlimited_if_zero = |n: usize| if n == 0 { usize::MAX } else { n };
+    Ok(Limits {
+        max_connections,
+        max_sessions,
+        max_connections_per_client: unlimited_if_zero(file.max_connections_per_client),
+        max_sessions_per_client: unlimited_if_zero(file.max_sessions_per_client),
+        connections_by_default: file.max_connections.is_none(),
+        sessions_by_default: file.max_sessions.is_none(),
+        max_frame_bytes: file.max_frame_bytes,
+        header_read_timeout: positive_seconds(
+            "limits.header_read_timeout_seconds",
+            file.header_read_timeout_seconds,
+        )?,
+        connect_timeout: positive_seconds(
+            "limits.connect_timeout_seconds",
+            file.connect_timeout_seconds,
+        )?,
+        close_timeout: positive_seconds(
+            "limits.close_timeout_seconds",
+            file.close_timeout_seconds,
+        )?,
+        drain_timeout: positive_seconds(
+            "limits.drain_timeout_seconds",
+            file.drain_timeout_seconds,
+        )?,
+    })
+}
+
+fn balance(file: file::Balance) -> Result<Balance, ConfigError> {
+    let mut sticky_key = file.sticky_key;
+    if let Some(sticky) = &mut sticky_key {
+        let (StickyKey::Query(name) | StickyKey::Header(name) | StickyKey::Cookie(name)) = sticky;
+        if name.is_empty() || name.contains(['=', ';', '&', ' ']) {
+            return Err(invalid(
+                "balance.sticky_key",
+                format!("{name:?} is not a usable name"),
+            ));
+        }
+        if let StickyKey::Header(header) = sticky {
+            *header = header.to_ascii_lowercase();
+            if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                return Err(invalid(
+                    "balance.sticky_key",
+                    format!("{header:?} is not a valid header name"),
+                ));
+            }
+        }
+    }
+    in_range(
+        "balance.race_candidates",
+        file.race_candidates,
+        1,
+        bounds::RACE_CANDIDATES,
+    )
+    .map_err(|_| {
+        invalid(
+            "balance.race_candidates",
+            format!(
+                "must be between 1 (no racing) and {}, got {}",
+                bounds::RACE_CANDIDATES,
+                file.race_candidates
+            ),
+        )
+    })?;
+    Ok(Balance {
+        policy: file.policy,
+        sticky_key,
+        race_candidates: file.race_candidates,
+        race_delay: seconds_within(
+            "balance.race_delay_seconds",
+            file.race_delay_seconds,
+            bounds::RACE_DELAY_SECONDS,
+        )?
+        .unwrap_or(Duration::ZERO),
+    })
+}
+
+fn sessions(file: &file::Sessions) -> Result<Sessions, ConfigError> {
+    Ok(Sessions {
+        close_on_unhealthy: file.close_on_unhealthy,
+        max_lifetime: seconds_within(
+            "sessions.max_lifetime_seconds",
+            file.max_lifetime_seconds,
+            bounds::LIFETIME_SECONDS,
+        )?,
+        idle_timeout: seconds_within(
+            "sessions.idle_timeout_seconds",
+            file.idle_timeout_seconds,
+            bounds::SECONDS,
+        )?,
+        ping_interval: seconds_within(
+            "sessions.ping_interval_seconds",
+            file.ping_interval_seconds,
+            bounds::SECONDS,
+        )?,
+    })
+}
+
+fn replicas(file: &[file::Replica]) -> Result<Vec<Replica>, ConfigError> {
+    if file.is_empty() {
+        return Err(invalid(
+            "replicas",
+            "at least one [[replicas]] entry is required",
+        ));
+    }
+    let mut replicas: Vec<Replica> = Vec::with_capacity(file.len());
+    let mut primary_seen: Option<usize> = None;
+    for (i, entry) in file.iter().enumerate() {
+        let key = |field: &str| format!("replicas[{i}].{field}");
+        let addr = parse_replica_url(&entry.url).map_err(|reason| invalid(key("url"), reason))?;
+        let name = entry.name.clone().unwrap_or_else(|| addr.authority.clone());
+        if name.is_empty() {
+            return Err(invalid(key("name"), "must not be empty"));
+        }
+        if !(entry.weight.is_finite() && entry.weight > 0.0 && entry.weight <= bounds::WEIGHT) {
+            return Err(invalid(
+                key("weight"),
+                format!(
+                    "must be a number greater than 0 and at most {}, got {}",
+                    bounds::WEIGHT,
+                    entry.weight
+                ),
+            ));
+        }
+        if let Some(max) = entry.max_sessions {
+            in_range(&key("max_sessions"), max, 1, bounds::COUNT).map_err(|_| {
+                invalid(
+                    key("max_sessions"),
+                    format!(
+                        "must be between 1 and {} (leave it out for no limit), got {max}",
+                        bounds::COUNT
+                    ),
+                )
+            })?;
+        }
+        if entry.primary {
+            if let Some(first) = primary_seen {
+                return Err(invalid(
+                    key("primary"),
+                    format!("replicas[{first}] is already the primary; at most one replica may be primary"),
+                ));
+            }
+            primary_seen = Some(i);
+        }
+        for (j, other) in replicas.iter().enumerate() {
+            if other.url == addr.url {
+                return Err(invalid(
+                    key("url"),
+                    format!("duplicate of replicas[{j}].url {:?}", other.url),
+                ));
+            }
+            if other.name == name {
+                return Err(invalid(
+                    key("name"),
+                    format!("duplicate of replicas[{j}].name {:?}", other.name),
+                ));
+            }
+        }
+        replicas.push(Replica {
+            name,
+            url: addr.url,
+            authority: addr.authority,
+            primary: entry.primary,
+            weight: entry.weight,
+            max_sessions: entry.max_sessions,
+        });
+    }
+    Ok(replicas)
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
         return Err(invalid(
             key,
-            format!("must be greater than 0 and at most 86400 seconds, got {value}"),
+            format!("must be between {min} and {max}, got {value}"),
         ));
     }
     Ok(())
 }
 
-pub fn seconds(value: f64) -> Duration {
-    Duration::from_secs_f64(value)
+/// A duration that must be on: greater than 0, at most a day.
+fn positive_seconds(key: &str, value: f64) -> Result<Duration, ConfigError> {
+    if !(value.is_finite() && value > 0.0 && value <= bounds::SECONDS) {
+        return Err(invalid(
+            key,
+            format!(
+                "must be greater than 0 and at most {} seconds, got {value}",
+                bounds::SECONDS
+            ),
+        ));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// A duration where 0 means off, at most `max` seconds.
+fn seconds_within(key: &str, value: f64, max: f64) -> Result<Option<Duration>, ConfigError> {
+    if !(value.is_finite() && (0.0..=max).contains(&value)) {
+        return Err(invalid(
+            key,
+            format!("must be a number of seconds from 0 (off) to {max}, got {value}"),
+        ));
+    }
+    Ok((value > 0.0).then(|| Duration::from_secs_f64(value)))
+}
+
+/// A validated replica address: `http://host:port` with the port made explicit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaAddr {
+    /// Normalised url, without a trailing "/".
+    pub url: String,
+    /// `host:port` as sent in the Host header and used to connect.
+    pub authority: String,
 }
 
 /// Check a replica url: `http://host[:port][/]`, nothing else. Returns the normalised form.
@@ -485,14 +912,31 @@ mod tests {
     #[test]
     fn defaults_match_reference() {
         let c = Config::parse(ONE).unwrap();
-        assert_eq!(c.listen, Listen::default());
-        assert_eq!(c.listen.port, 9000);
-        assert_eq!(c.health_check, HealthCheck::default());
+        assert_eq!(c.listen.addr, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(c.listen.stream_path, "/v1/stream");
+        assert_eq!(c.health_check.path, "/health");
+        assert_eq!(c.health_check.interval, Duration::from_secs(5));
+        assert_eq!(c.health_check.timeout, Duration::from_secs(2));
+        assert_eq!(
+            (
+                c.health_check.failure_threshold,
+                c.health_check.recovery_threshold
+            ),
+            (3, 2)
+        );
         assert_eq!(c.replicas[0].weight, 1.0);
         assert!(!c.replicas[0].primary);
-        assert_eq!(c.replicas[0].name.as_deref(), Some("127.0.0.1:8001"));
+        assert_eq!(c.replicas[0].name, "127.0.0.1:8001");
         assert_eq!(c.balance.policy, Policy::Failover);
         assert_eq!(c.replicas[0].max_sessions, None);
+        assert_eq!(c.admin, None);
+        assert!(c.limits.connections_by_default && c.limits.sessions_by_default);
+        assert_eq!(
+            (c.limits.max_connections, c.limits.max_sessions),
+            (10_000, 8_000)
+        );
+        assert_eq!(c.sessions.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(c.sessions.idle_timeout, Some(Duration::from_secs(600)));
     }
 
     #[test]
@@ -560,6 +1004,70 @@ mod tests {
             e.contains("unknown variant") && e.contains("least_sessions"),
             "{e}"
         );
+        assert!(err(&format!("[listen]\nstream_path = \"/status\"\n{ONE}"))
+            .contains("listen.stream_path"));
+        assert!(
+            err(&format!("[listen]\nstream_path = \"v1\"\n{ONE}")).contains("listen.stream_path")
+        );
+        assert!(err(&format!(
+            "[listen]\ntrusted_proxies = [\"10.0.0.0/33\"]\n{ONE}"
+        ))
+        .contains("listen.trusted_proxies[0]"));
+        assert!(err(&format!("[admin]\nlisten = \"localhost\"\n{ONE}")).contains("admin.listen"));
+        assert!(
+            err(&format!("[admin]\nlisten = \"127.0.0.1:9000\"\n{ONE}")).contains("admin.listen")
+        );
+        assert!(err(&format!("[log]\nformat = \"xml\"\n{ONE}")).contains("unknown variant"));
+        assert!(err(&format!(
+            "[limits]\nmax_connections = 10\nmax_sessions = 20\n{ONE}"
+        ))
+        .contains("limits.max_sessions"));
+    }
+
+    #[test]
+    fn every_duration_and_size_is_bounded() {
+        // Each of these passed validation once and panicked later (Duration overflow).
+        for (table, key, value) in [
+            ("balance", "race_delay_seconds", "1e300"),
+            ("sessions", "max_lifetime_seconds", "1e300"),
+            ("sessions", "idle_timeout_seconds", "1e300"),
+            ("sessions", "ping_interval_seconds", "inf"),
+            ("limits", "connect_timeout_seconds", "1e300"),
+            ("limits", "close_timeout_seconds", "nan"),
+            ("health_check", "interval_seconds", "1e20"),
+            ("limits", "max_frame_bytes", "4294967296"),
+            ("limits", "max_sessions", "100000000000"),
+            ("balance", "race_candidates", "1000000"),
+        ] {
+            let e = err(&format!("[{table}]\n{key} = {value}\n{ONE}"));
+            assert!(
+                e.contains(&format!("{table}.{key}")),
+                "{table}.{key} = {value}: {e}"
+            );
+        }
+        let e = err("[[replicas]]\nurl = \"http://a\"\nweight = 1e300\n");
+        assert!(e.contains("replicas[0].weight"), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_are_one_line() {
+        let e = err("[limits\nmax_sessions = 1\n");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn cidrs_match_their_blocks() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: Cidr = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("::2".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        assert!("10.0.0.0/40".parse::<Cidr>().is_err());
+        assert!("example.com".parse::<Cidr>().is_err());
     }
 
     #[test]

@@ -1,18 +1,49 @@
 //! wsrouter: a WebSocket load balancer and reverse proxy for fleets of streaming replicas.
 //!
-//! Modules, one per concern: [`config`] (TOML, validation), [`registry`] (replicas, health
-//! state, lock-free snapshot), [`health`] (probe loop), [`balance`] (selection), [`proxy`]
-//! (HTTP service, upgrade, upstream connect, frame pumps), [`admin`] (/status, /health),
-//! [`server`] (listener, accept loop, drain) and [`echo`] (an in-process echo replica).
+//! Along the data path, each module depending only on those after it:
+//!
+//! - [`http`]: the tower stack per connection: routing, upgrade check, drain gate, session
+//!   permits, replica selection, the upstream join, and the one place refusals are answered;
+//!   the admin endpoints.
+//! - [`upstream`]: the connector (TCP, with a timeout layer) and the upstream handshake.
+//! - [`session`]: a session's life from its 101 to its end, and its access-log line.
+//! - [`relay`]: the two frame pumps and the bridge between them (orders, streaming of large
+//!   frames, keepalive).
+//! - [`frames`]: reading, writing, masking and checking WebSocket frames.
+//!
+//! Beside the path: [`server`] (listeners, workers, accept loop, drain), [`reload`],
+//! [`registry`] (replicas, health state, the lock-free snapshot), [`health`] (probe loop),
+//! [`balance`] (ordering candidates), [`admission`] (connection and session limits),
+//! [`config`], and the vocabularies everything shares: [`close`] (how sessions end),
+//! [`metrics`] (what is counted), [`client`] (who a client is), [`net`] and [`process`].
+//!
+//! Not the router: [`echo`] is the echo replica used by the demo, the tests and the load
+//! tools.
 
-pub mod admin;
+pub mod admission;
 pub mod balance;
+pub mod client;
+pub mod close;
 pub mod config;
-pub mod echo;
+pub mod frames;
 pub mod health;
-pub mod proxy;
+pub mod http;
+pub mod log;
+pub mod metrics;
+pub mod net;
+pub mod process;
 pub mod registry;
+pub mod relay;
+pub mod reload;
 pub mod server;
+pub mod session;
+pub mod upstream;
+
+pub mod echo;
 
 pub use config::Config;
-pub use server::{Drain, Reloader, Router};
+pub use reload::Reloader;
+pub use server::{Drain, Router, StartError};
+
+/// The commit this build was made from (`git rev-parse`, "-dirty" for uncommitted changes).
+pub const BUILD_COMMIT: &str = env!("WSROUTER_COMMIT");

@@ -5,16 +5,24 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use wsrouter::config::LogFormat;
 use wsrouter::echo::EchoReplica;
 use wsrouter::{Config, Drain, Router};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("WSROUTER_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "wsrouter",
-    version,
+    version = VERSION,
     about = "WebSocket load balancer and reverse proxy"
 )]
 struct Cli {
@@ -37,13 +45,10 @@ enum Command {
     },
 }
 
+/// How often the config file is checked for changes (SIGHUP reloads at once).
+const CONFIG_POLL: Duration = Duration::from_secs(1);
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "wsrouter=info".into()),
-        )
-        .init();
     let cli = Cli::parse();
     // Worker 0's event loop; the router starts the other workers' threads itself.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -51,27 +56,11 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     match cli.command {
-        Some(Command::Check) => {
-            let Some(path) = cli.config else {
-                eprintln!("wsrouter check: --config FILE is required");
-                return ExitCode::from(2);
-            };
-            match Config::load(&path) {
-                Ok(config) => {
-                    println!(
-                        "{}: valid ({} replicas)",
-                        path.display(),
-                        config.replicas.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{}: {e}", path.display());
-                    ExitCode::from(2)
-                }
-            }
+        Some(Command::Check) => check(cli.config),
+        Some(Command::Demo { port }) => {
+            wsrouter::log::init(LogFormat::Text);
+            runtime.block_on(demo(port))
         }
-        Some(Command::Demo { port }) => runtime.block_on(demo(port)),
         None => {
             let Some(path) = cli.config else {
                 eprintln!("wsrouter: --config FILE is required (or try `wsrouter demo`)");
@@ -84,17 +73,38 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            wsrouter::log::init(config.log.format);
             runtime.block_on(run(config, path))
         }
     }
 }
 
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("wsrouter check: --config FILE is required");
+        return ExitCode::from(2);
+    };
+    match Config::load(&path) {
+        Ok(config) => {
+            println!(
+                "{}: valid ({} replicas)",
+                path.display(),
+                config.replicas.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
 async fn bind(config: Config) -> Option<Router> {
-    let addr = config.listen_addr();
     match Router::bind(config).await {
         Ok(router) => Some(router),
         Err(e) => {
-            eprintln!("wsrouter: cannot listen on {addr}: {e}");
+            eprintln!("wsrouter: {e}");
             None
         }
     }
@@ -109,11 +119,17 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
     serve(router).await
 }
 
-/// How often the config file is checked for changes (SIGHUP reloads at once).
-const CONFIG_POLL: Duration = Duration::from_secs(1);
-
 async fn serve(router: Router) -> ExitCode {
-    tracing::info!(addr = %router.local_addr(), workers = router.workers(), "wsrouter listening");
+    let (max_connections, max_sessions) = router.limits();
+    tracing::info!(
+        addr = %router.local_addr(),
+        admin = %router.admin_addr().map_or("-".to_string(), |a| a.to_string()),
+        workers = router.workers(),
+        max_connections,
+        max_sessions,
+        version = VERSION,
+        "wsrouter listening"
+    );
     match router.serve(shutdown_signal()).await {
         Drain::Complete => ExitCode::SUCCESS,
         Drain::TimedOut { sessions_left } => {
@@ -157,15 +173,10 @@ async fn demo(port: u16) -> ExitCode {
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

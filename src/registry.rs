@@ -1,17 +1,27 @@
 //! Replicas, their health state, and the immutable snapshot the hot path reads.
 //!
-//! Writers (the health loop, and the proxy reporting a failed upstream connect) take a
-//! short mutex, update the state machines and publish a fresh [`Snapshot`] through
-//! arc-swap. Readers (session setup, /status) only `load()` the snapshot: no lock.
+//! Writers (the health loop, and session setup reporting how an upstream connect went) take a
+//! short mutex, update the state machines and publish a fresh [`Snapshot`] through arc-swap.
+//! Readers (session setup, /status) only `load()` the snapshot: no lock.
+//!
+//! Passive health: a failed upstream connect counts like a failed probe, but only failures
+//! that say something about the replica (refused, timed out, no answer, unreachable), never
+//! a per-request answer or the router's own shortage; within one run of failures each client
+//! address counts once, so no single client can turn a replica unhealthy; and a completed
+//! handshake ends the run.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
+use crate::client::ClientKey;
 use crate::config::{self, Config, HealthCheck};
+use crate::metrics::{
+    ConnectFailure, Counters, Histogram, ProbeFailure, Traffic, HANDSHAKE_BOUNDS,
+};
 
 /// One replica: its settings from the config generation that listed it, and live state
 /// that carries over to the next generation when a reload keeps its url.
@@ -36,22 +46,39 @@ struct Live {
     /// Sessions open or being opened here (a slot is reserved before the upstream connect).
     active_sessions: AtomicUsize,
     total_sessions: AtomicU64,
-    connect_failures: AtomicU64,
+    connect_failures: Counters<ConnectFailure>,
+    /// What the last failed upstream connect or handshake found, whether or not it counted
+    /// against health.
+    last_connect_error: Mutex<Option<String>>,
+    probe_failures: Counters<ProbeFailure>,
+    traffic: Traffic,
+    handshake_seconds: Histogram,
     /// The published health status, for sessions that must react when it changes.
     status: watch::Sender<Status>,
 }
 
+impl Live {
+    fn new() -> Live {
+        Live {
+            active_sessions: AtomicUsize::new(0),
+            total_sessions: AtomicU64::new(0),
+            connect_failures: Counters::default(),
+            last_connect_error: Mutex::new(None),
+            probe_failures: Counters::default(),
+            traffic: Traffic::default(),
+            handshake_seconds: Histogram::new(HANDSHAKE_BOUNDS),
+            status: watch::Sender::new(Status::Unknown),
+        }
+    }
+}
+
 impl Replica {
     fn new(index: usize, config: &config::Replica, live: Arc<Live>) -> Replica {
-        let addr = config::parse_replica_url(&config.url).expect("validated at load");
         Replica {
             index,
-            name: config
-                .name
-                .clone()
-                .unwrap_or_else(|| addr.authority.clone()),
-            url: addr.url,
-            authority: addr.authority,
+            name: config.name.clone(),
+            url: config.url.clone(),
+            authority: config.authority.clone(),
             primary: config.primary,
             weight: config.weight,
             max_sessions: config.max_sessions.unwrap_or(usize::MAX),
@@ -88,18 +115,50 @@ impl Replica {
         Some(SessionGuard(self.live.clone()))
     }
 
-    pub fn connect_failures(&self) -> u64 {
-        self.live.connect_failures.load(Ordering::Relaxed)
+    /// Failed upstream connects or handshakes, by kind.
+    pub fn connect_failures(&self) -> &Counters<ConnectFailure> {
+        &self.live.connect_failures
     }
 
-    /// Count a failed upstream connect or handshake.
-    pub fn count_connect_failure(&self) {
-        self.live.connect_failures.fetch_add(1, Ordering::Relaxed);
+    /// Note a failed upstream connect or handshake: counted by kind, its detail kept for
+    /// /status. Health is a separate matter ([`Registry::passive_failure`]).
+    pub fn note_connect_failure(&self, kind: ConnectFailure, detail: String) {
+        self.live.connect_failures.add(kind);
+        *self
+            .live
+            .last_connect_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(detail);
+    }
+
+    /// The last failed upstream connect's detail.
+    pub fn last_connect_error(&self) -> Option<String> {
+        self.live
+            .last_connect_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Failed probes, by kind.
+    pub fn probe_failures(&self) -> &Counters<ProbeFailure> {
+        &self.live.probe_failures
+    }
+
+    /// Frames and bytes forwarded to and from this replica.
+    pub fn traffic(&self) -> &Traffic {
+        &self.live.traffic
+    }
+
+    /// Upstream connect plus handshake, for sessions that opened here.
+    pub fn handshake_seconds(&self) -> &Histogram {
+        &self.live.handshake_seconds
     }
 
     /// Count a completed session handshake (for totals and metrics).
-    pub fn count_session(&self) {
+    pub fn count_session(&self, handshake: Duration) {
         self.live.total_sessions.fetch_add(1, Ordering::Relaxed);
+        self.live.handshake_seconds.observe(handshake);
     }
 }
 
@@ -136,8 +195,13 @@ pub struct Health {
     pub consecutive_successes: u32,
     /// Unix time (seconds) of the last successful probe.
     pub last_ok_at: Option<f64>,
+    /// Latency of the last successful probe.
     pub last_latency_ms: Option<f64>,
     pub last_error: Option<String>,
+    /// Unix time (seconds) of the last change of `status`.
+    pub last_change_at: Option<f64>,
+    /// Clients whose failed connects count in the current run of failures (each once).
+    passive_clients: Vec<ClientKey>,
 }
 
 impl Default for Health {
@@ -149,20 +213,17 @@ impl Default for Health {
             last_ok_at: None,
             last_latency_ms: None,
             last_error: None,
+            last_change_at: None,
+            passive_clients: Vec::new(),
         }
     }
 }
 
-/// What one probe (or one passive observation) found.
+/// What one probe found (or, as a failure, one upstream connect).
 #[derive(Debug, Clone)]
 pub enum Observation {
-    Success {
-        latency: Duration,
-    },
-    Failure {
-        error: String,
-        latency: Option<Duration>,
-    },
+    Success { latency: Duration },
+    Failure { error: String },
 }
 
 impl Health {
@@ -178,6 +239,7 @@ impl Health {
         match observation {
             Observation::Success { latency } => {
                 self.consecutive_failures = 0;
+                self.passive_clients.clear();
                 self.consecutive_successes = self.consecutive_successes.saturating_add(1);
                 self.last_ok_at = Some(unix_now());
                 self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
@@ -190,12 +252,9 @@ impl Health {
                     _ => {}
                 }
             }
-            Observation::Failure { error, latency } => {
+            Observation::Failure { error } => {
                 self.consecutive_successes = 0;
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                if let Some(latency) = latency {
-                    self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
-                }
                 self.last_error = Some(error.clone());
                 if self.consecutive_failures >= failure_threshold {
                     self.status = Status::Unhealthy;
@@ -205,7 +264,22 @@ impl Health {
     }
 }
 
-fn unix_now() -> f64 {
+/// Log a status change and note its time.
+fn note_change(replica: &Replica, health: &mut Health, before: Status) {
+    let after = health.status;
+    if after != before {
+        health.last_change_at = Some(unix_now());
+        tracing::info!(
+            replica = %replica.name,
+            from = before.as_str(),
+            to = after.as_str(),
+            error = health.last_error.as_deref().unwrap_or(""),
+            "replica health changed"
+        );
+    }
+}
+
+pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -236,6 +310,8 @@ pub struct Registry {
     snapshot: ArcSwap<Snapshot>,
     /// Writers only: serialises updates so none is lost between load and store.
     members: Mutex<Members>,
+    /// Woken when the replica set or the health settings change.
+    changed: Notify,
 }
 
 struct Members {
@@ -262,6 +338,7 @@ impl Registry {
                 health: Vec::new(),
                 check: config.health_check.clone(),
             }),
+            changed: Notify::new(),
         };
         registry.reconfigure(config);
         registry
@@ -280,15 +357,7 @@ impl Registry {
             let known = members.replicas.iter().position(|r| r.url == entry.url);
             let (live, state) = match known {
                 Some(i) => (members.replicas[i].live.clone(), members.health[i].clone()),
-                None => (
-                    Arc::new(Live {
-                        active_sessions: AtomicUsize::new(0),
-                        total_sessions: AtomicU64::new(0),
-                        connect_failures: AtomicU64::new(0),
-                        status: watch::Sender::new(Status::Unknown),
-                    }),
-                    Health::default(),
-                ),
+                None => (Arc::new(Live::new()), Health::default()),
             };
             let replica = Arc::new(Replica::new(index, entry, live));
             match known {
@@ -308,7 +377,15 @@ impl Registry {
         members.health = health;
         members.check = config.health_check.clone();
         self.publish(&members);
+        drop(members);
+        self.changed.notify_waiters();
         changes
+    }
+
+    /// Resolves at the next change of the replica set or health settings (create the future
+    /// before reading what it guards, so no change falls between).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     /// The current snapshot; lock-free.
@@ -350,23 +427,70 @@ impl Registry {
                 check.failure_threshold,
                 check.recovery_threshold,
             );
-            let after = health[i].status;
-            if after != before {
-                tracing::info!(
-                    replica = %replicas[i].name,
-                    from = before.as_str(),
-                    to = after.as_str(),
-                    error = health[i].last_error.as_deref().unwrap_or(""),
-                    "replica health changed"
-                );
-            }
+            note_change(&replicas[i], &mut health[i], before);
         }
         self.publish(&members);
     }
 
-    /// Apply one observation, e.g. a failed upstream connect seen by the proxy.
+    /// Apply one observation.
     pub fn observe(&self, replica: &Arc<Replica>, observation: Observation) {
         self.observe_all([(replica.clone(), observation)]);
+    }
+
+    /// A session's upstream connect to `replica` failed in a way that says something about
+    /// the replica. It counts as a failed probe unless `client` has already counted in the
+    /// current run of failures: one client alone cannot turn a replica unhealthy.
+    pub fn passive_failure(&self, replica: &Arc<Replica>, client: ClientKey, error: String) {
+        let mut members = self.members.lock().unwrap();
+        let Members {
+            replicas,
+            health,
+            check,
+        } = &mut *members;
+        let Some(i) = replicas
+            .iter()
+            .position(|r| Arc::ptr_eq(&r.live, &replica.live))
+        else {
+            return;
+        };
+        if health[i].passive_clients.contains(&client) {
+            tracing::debug!(replica = %replica.name, %error, "connect failure not counted: this client already counted in this run");
+            return;
+        }
+        health[i].passive_clients.push(client);
+        let before = health[i].status;
+        health[i].observe(
+            &Observation::Failure { error },
+            check.failure_threshold,
+            check.recovery_threshold,
+        );
+        note_change(&replicas[i], &mut health[i], before);
+        self.publish(&members);
+    }
+
+    /// A session's upstream handshake with `replica` completed: a run of connect failures
+    /// ends (the status itself moves only with probes). Lock-free unless there was a run.
+    pub fn connect_succeeded(&self, replica: &Arc<Replica>) {
+        let snapshot = self.snapshot.load();
+        let in_a_run = snapshot
+            .replicas
+            .iter()
+            .find(|r| Arc::ptr_eq(&r.replica.live, &replica.live))
+            .is_some_and(|r| r.health.consecutive_failures > 0);
+        if !in_a_run {
+            return;
+        }
+        let mut members = self.members.lock().unwrap();
+        let Some(i) = members
+            .replicas
+            .iter()
+            .position(|r| Arc::ptr_eq(&r.live, &replica.live))
+        else {
+            return;
+        };
+        members.health[i].consecutive_failures = 0;
+        members.health[i].passive_clients.clear();
+        self.publish(&members);
     }
 
     fn publish(&self, members: &Members) {
@@ -402,7 +526,6 @@ mod tests {
     fn fail() -> Observation {
         Observation::Failure {
             error: "refused".into(),
-            latency: None,
         }
     }
 

@@ -1,29 +1,47 @@
-//! The running router: listener, health loop, accept loop, and the drain on shutdown.
+//! The running router: listeners, worker threads, the accept loop with its connection limits,
+//! the health loop, and the drain on shutdown.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::config::{seconds, Config, ConfigError};
+use crate::admission::{self, ConnectionGate, SessionGate};
+use crate::config::Config;
 use crate::health::{self, HttpProbe, Probe};
-use crate::proxy::Proxy;
-use crate::registry::{Changes, Registry};
+use crate::http::{Endpoints, Proxy};
+use crate::metrics::{Label, Metrics};
+use crate::registry::Registry;
+use crate::reload::Reloader;
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr} (admin.listen): {source}")]
+    Admin { addr: SocketAddr, source: io::Error },
+    #[error("{0}")]
+    Limits(String),
+}
 
 pub struct Router {
     /// Non-blocking; every worker registers its own handle to it with its event loop.
     listener: std::net::TcpListener,
+    admin_listener: Option<std::net::TcpListener>,
     workers: usize,
     registry: Arc<Registry>,
     proxy: Arc<Proxy>,
     probe: Arc<dyn Probe>,
     config: Config,
     shutdown: watch::Sender<bool>,
+    connections: Arc<ConnectionGate>,
+    metrics: Arc<Metrics>,
 }
 
 /// How the shutdown went.
@@ -35,33 +53,82 @@ pub enum Drain {
     TimedOut { sessions_left: usize },
 }
 
+/// Connections the admin listener takes at once (it serves scrapes and probes, not clients).
+const ADMIN_CONNECTIONS: usize = 64;
+
 impl Router {
-    /// Bind the listener with the HTTP health probe.
-    pub async fn bind(config: Config) -> io::Result<Router> {
+    /// Bind the listeners with the HTTP health probe.
+    pub async fn bind(config: Config) -> Result<Router, StartError> {
         let probe = Arc::new(HttpProbe::new());
         Router::bind_with_probe(config, probe).await
     }
 
-    /// Bind the listener with a custom probe (tests drive health through it).
-    pub async fn bind_with_probe(config: Config, probe: Arc<dyn Probe>) -> io::Result<Router> {
-        let listener = listen(config.listen_addr())?;
+    /// Bind the listeners with a custom probe (tests drive health through it). The soft
+    /// open-file limit is raised to the hard one, and the connection and session limits must
+    /// fit it (defaults are lowered to fit, with a warning; explicit values that cannot fit are
+    /// refused).
+    pub async fn bind_with_probe(
+        config: Config,
+        probe: Arc<dyn Probe>,
+    ) -> Result<Router, StartError> {
         let workers = config.workers();
+        let open_files = crate::net::raise_open_file_limit().unwrap_or(u64::MAX);
+        let reserved = admission::reserved_descriptors(config.replicas.len(), workers);
+        let (max_connections, max_sessions, lowered) =
+            admission::fit_to_open_files(&config.limits, open_files, reserved)
+                .map_err(StartError::Limits)?;
+        if let Some(why) = lowered {
+            tracing::warn!("{why}");
+        }
+        let addr = config.listen_addr();
+        let listener = listen(addr).map_err(|source| StartError::Listen { addr, source })?;
+        let admin_listener = match &config.admin {
+            Some(admin) => Some(listen(admin.addr).map_err(|source| StartError::Admin {
+                addr: admin.addr,
+                source,
+            })?),
+            None => None,
+        };
         let registry = Arc::new(Registry::new(&config));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let proxy = Arc::new(Proxy::new(registry.clone(), &config, shutdown_rx));
+        let metrics = Arc::new(Metrics::default());
+        let connections = ConnectionGate::new(
+            max_connections,
+            &config.limits,
+            &config.listen.trusted_proxies,
+        );
+        let sessions = SessionGate::new(max_sessions, &config.limits);
+        let proxy = Arc::new(Proxy::new(
+            registry.clone(),
+            &config,
+            sessions,
+            connections.clone(),
+            metrics.clone(),
+            shutdown_rx,
+        ));
         Ok(Router {
             listener,
+            admin_listener,
             workers,
             registry,
             proxy,
             probe,
             config,
             shutdown,
+            connections,
+            metrics,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Where /status and /metrics are served when `[admin] listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
     }
 
     /// Worker threads `serve` runs, worker 0 included.
@@ -73,47 +140,87 @@ impl Router {
         self.registry.clone()
     }
 
+    /// The limits in force (after fitting them to the open-file limit).
+    pub fn limits(&self) -> (usize, usize) {
+        (self.connections.max(), self.proxy.sessions.max())
+    }
+
     /// A handle that applies new configs to this router while it serves.
     pub fn reloader(&self) -> Reloader {
-        Reloader {
-            registry: self.registry.clone(),
-            proxy: self.proxy.clone(),
-            running: Arc::new(Mutex::new(self.config.clone())),
-        }
+        Reloader::new(
+            self.registry.clone(),
+            self.proxy.clone(),
+            self.metrics.clone(),
+            self.config.clone(),
+            self.limits(),
+        )
     }
 
     /// Serve until `shutdown` resolves; then stop accepting, send 1001 to both sides of every
     /// session, and return once they are closed or the drain timeout has passed.
     ///
-    /// The calling runtime is worker 0: it accepts, serves sessions and runs the health loop.
-    /// Each further worker is a thread with its own single-threaded runtime accepting from the
-    /// same listener, so a session lives on one thread from accept to close. Dropping this
-    /// future stops every worker and drops its sessions.
+    /// The calling runtime is worker 0: it accepts, serves sessions, runs the health loop and
+    /// the admin listener. Each further worker is a thread with its own single-threaded
+    /// runtime accepting from the same listener, so a session lives on one thread from accept
+    /// to close. Dropping this future stops every worker and drops its sessions.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
         let health = tokio::spawn(health::run(self.registry.clone(), self.probe.clone()));
         // Workers run until this is dropped: when serve returns or its future is dropped.
         let (_workers_alive, workers_stop) = watch::channel(());
         for index in 1..self.workers {
             if let Err(error) = self.spawn_worker(index, workers_stop.clone()) {
-                tracing::error!(%error, index, "cannot start worker thread; serving with fewer");
+                tracing::error!(%error, index, "cannot start a worker thread; serving with fewer");
                 break;
             }
         }
+        let admin = self.admin_listener.and_then(|listener| {
+            let proxy = self.proxy.clone();
+            let gate = ConnectionGate::new(ADMIN_CONNECTIONS, &self.config.limits, &[]);
+            let mut stopping = self.shutdown.subscribe();
+            match TcpListener::from_std(listener) {
+                Ok(listener) => Some(tokio::spawn(async move {
+                    // The admin listener stays up through the drain: /ready says "draining".
+                    let stop = async move {
+                        let _ = stopping.wait_for(|_| false).await;
+                    };
+                    accept_until(listener, proxy, gate, Endpoints::Admin, stop).await
+                })),
+                Err(error) => {
+                    tracing::error!(%error, "cannot register the admin listener");
+                    None
+                }
+            }
+        });
+        let endpoints = Endpoints::Public {
+            admin: self.proxy.public_admin,
+        };
         match TcpListener::from_std(self.listener) {
-            Ok(listener) => accept_until(listener, self.proxy.clone(), shutdown).await,
+            Ok(listener) => {
+                accept_until(
+                    listener,
+                    self.proxy.clone(),
+                    self.connections.clone(),
+                    endpoints,
+                    shutdown,
+                )
+                .await
+            }
             Err(error) => tracing::error!(%error, "cannot register the listener; not accepting"),
         }
-        let open = self.proxy.active_sessions();
+        let open = self.proxy.sessions.active();
         tracing::info!(sessions = open, "shutting down: closing sessions with 1001");
         let _ = self.shutdown.send(true);
-        let drain_timeout = seconds(self.config.limits.drain_timeout_seconds);
-        let drain = match tokio::time::timeout(drain_timeout, self.proxy.drained()).await {
+        let drain_timeout = self.config.limits.drain_timeout;
+        let drain = match tokio::time::timeout(drain_timeout, self.proxy.sessions.drained()).await {
             Ok(()) => Drain::Complete,
             Err(_) => Drain::TimedOut {
-                sessions_left: self.proxy.active_sessions(),
+                sessions_left: self.proxy.sessions.active(),
             },
         };
         health.abort();
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         drain
     }
 
@@ -122,7 +229,11 @@ impl Router {
     fn spawn_worker(&self, index: usize, mut alive: watch::Receiver<()>) -> io::Result<()> {
         let listener = self.listener.try_clone()?;
         let proxy = self.proxy.clone();
+        let gate = self.connections.clone();
         let mut shutdown = self.shutdown.subscribe();
+        let endpoints = Endpoints::Public {
+            admin: self.proxy.public_admin,
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -135,7 +246,9 @@ impl Router {
                     };
                     let serve = async {
                         match TcpListener::from_std(listener) {
-                            Ok(listener) => accept_until(listener, proxy, stopped).await,
+                            Ok(listener) => {
+                                accept_until(listener, proxy, gate, endpoints, stopped).await
+                            }
                             Err(error) => {
                                 tracing::error!(%error, index, "cannot register the listener")
                             }
@@ -166,113 +279,84 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
-/// Accept connections and spawn a task for each on this thread until `stop` resolves.
-async fn accept_until(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
+/// A warning that is logged at most once per second; what was held back is counted in the
+/// next one.
+struct Throttled {
+    what: &'static str,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttled {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new(what: &'static str) -> Throttled {
+        Throttled {
+            what,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    fn warn(&mut self, detail: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < Self::EVERY) {
+            self.held_back += 1;
+            return;
+        }
+        tracing::warn!(
+            error = %detail,
+            also_since_last_report = self.held_back,
+            "{}",
+            self.what
+        );
+        self.last = Some(now);
+        self.held_back = 0;
+    }
+}
+
+/// Accept connections and serve each on this thread until `stop` resolves. A connection over
+/// the connection limits is closed at once. Accept errors (typically EMFILE) back off,
+/// doubling from 10 ms to 1 s, and are logged at most once a second.
+async fn accept_until(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    gate: Arc<ConnectionGate>,
+    endpoints: Endpoints,
+    stop: impl Future<Output = ()>,
+) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
     tokio::pin!(stop);
+    let mut accept_errors = Throttled::new("accept failed; backing off");
+    let mut refusals = Throttled::new("connection refused at a connection limit");
+    let mut backoff = FIRST_BACKOFF;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(proxy.clone().serve_connection(stream, peer));
+                    backoff = FIRST_BACKOFF;
+                    match gate.admit(peer.ip()) {
+                        Ok(guard) => {
+                            tokio::spawn(proxy.clone().serve_connection(stream, peer, endpoints, guard));
+                        }
+                        Err(refusal) => {
+                            proxy.metrics.connections_refused.add(refusal);
+                            refusals.warn(&format_args!("{} from {}", refusal.label(), peer.ip()));
+                            drop(stream);
+                        }
+                    }
                 }
                 Err(error) => {
-                    // Typically EMFILE under a flood: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_errors.warn(&error);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut stop => break,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             },
             () = &mut stop => break,
-        }
-    }
-}
-
-/// Applies reloaded configs to a running router: replicas, health checks, balancing, session
-/// settings and limits for new sessions. Live sessions are untouched; replicas whose url is
-/// unchanged keep their health state. The listen address and `limits.max_sessions` are fixed
-/// at start: a change to them is reported and needs a restart.
-#[derive(Clone)]
-pub struct Reloader {
-    registry: Arc<Registry>,
-    proxy: Arc<Proxy>,
-    running: Arc<Mutex<Config>>,
-}
-
-impl Reloader {
-    pub fn apply(&self, config: Config) -> Changes {
-        let mut running = self.running.lock().unwrap();
-        if config.listen != running.listen {
-            tracing::warn!(
-                "[listen] (address or workers) changed in the config; it takes effect on restart"
-            );
-        }
-        if config.limits.max_sessions != running.limits.max_sessions {
-            tracing::warn!(
-                running = running.limits.max_sessions,
-                configured = config.limits.max_sessions,
-                "limits.max_sessions changed in the config; it takes effect on restart"
-            );
-        }
-        let changes = self.registry.reconfigure(&config);
-        self.proxy.reconfigure(&config);
-        tracing::info!(added = ?changes.added, removed = ?changes.removed, kept = changes.kept.len(), "config reloaded");
-        *running = config;
-        changes
-    }
-
-    /// Load `path` and apply it. An invalid file changes nothing: the running config stays.
-    pub fn reload_file(&self, path: &Path) -> Result<Changes, ConfigError> {
-        match Config::load(path) {
-            Ok(config) => Ok(self.apply(config)),
-            Err(error) => {
-                tracing::error!(path = %path.display(), %error, "config reload rejected; the running config stays");
-                Err(error)
-            }
-        }
-    }
-
-    /// Reload on SIGHUP, and whenever the file's contents change (looked at every `poll`).
-    /// The SIGHUP handler is installed before this returns, so a signal sent once the router
-    /// listens cannot hit SIGHUP's default action (exit). Call it inside the runtime.
-    pub fn watch(self, path: PathBuf, poll: Duration) -> impl Future<Output = ()> {
-        let seen = std::fs::read(&path).ok();
-        #[cfg(unix)]
-        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        #[cfg(unix)]
-        return self.watch_loop(path, poll, seen, hangups);
-        #[cfg(not(unix))]
-        return self.watch_loop(path, poll, seen);
-    }
-
-    async fn watch_loop(
-        self,
-        path: PathBuf,
-        poll: Duration,
-        mut seen: Option<Vec<u8>>,
-        #[cfg(unix)] mut hangups: Option<tokio::signal::unix::Signal>,
-    ) {
-        loop {
-            #[cfg(unix)]
-            let hangup = async {
-                match hangups.as_mut() {
-                    Some(signal) => signal.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let hangup = std::future::pending::<Option<()>>();
-            let forced = tokio::select! {
-                _ = hangup => true,
-                () = tokio::time::sleep(poll) => false,
-            };
-            let contents = std::fs::read(&path).ok();
-            if forced || contents != seen {
-                if forced {
-                    tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
-                }
-                // Remembered even when invalid, so a bad file is reported once, not every poll.
-                seen = contents;
-                let _ = self.reload_file(&path);
-            }
         }
     }
 }

@@ -114,7 +114,18 @@ async fn when_every_racer_fails_the_client_hears_every_error() {
     assert_eq!(json["code"], "worker_failed");
     let message = json["message"].as_str().unwrap();
     assert!(
-        message.contains("r0: connect failed") && message.contains("r1: connect failed"),
+        message.contains("r0: connection refused") && message.contains("r1: connection refused"),
         "{message}"
+    );
+    // The client learns each replica's name and the kind of failure, never an address or an
+    // OS error; the request id ties the message to the router's log lines.
+    assert!(
+        !message.contains("127.0.0.1") && !message.contains("os error"),
+        "{message}"
+    );
+    assert_eq!(
+        json["request_id"].as_str().map(str::len),
+        Some(16),
+        "{json}"
     );
 }

@@ -10,6 +10,7 @@ use common::*;
 use fastwebsockets::{Frame, OpCode, Payload};
 use wsrouter::echo::EchoReplica;
 use wsrouter::registry::Status;
+use wsrouter::reload::Reload;
 use wsrouter::{Config, Router};
 
 fn config_text(replicas: &[(&EchoReplica, bool)], extra: &str) -> String {
@@ -138,7 +139,10 @@ async fn an_invalid_file_changes_nothing_and_a_fixed_one_applies() {
     broken += "weight = 0\n";
     std::fs::write(&w.path, &broken).unwrap();
     // A reload of that file reports the precise error and changes nothing.
-    let error = w.reloader.reload_file(&w.path).unwrap_err().to_string();
+    let error = match w.reloader.reload_file(&w.path) {
+        Reload::Rejected(error) => error.to_string(),
+        other => panic!("expected a rejection, got {other:?}"),
+    };
     assert!(error.contains("replicas[1].weight"), "{error}");
     assert_eq!(names(&w.router), ["r0"]);
     assert_eq!(w.router.status_of(0), Status::Healthy);

@@ -73,11 +73,27 @@ fn fragment_opcode(index: usize) -> OpCode {
 }
 
 fn masked(payload: &[u8], offset: usize) -> Vec<u8> {
+    masked_with(KEY, payload, offset)
+}
+
+fn masked_with(key: [u8; 4], payload: &[u8], offset: usize) -> Vec<u8> {
     payload
         .iter()
         .enumerate()
-        .map(|(i, b)| b ^ KEY[(offset + i) % 4])
+        .map(|(i, b)| b ^ key[(offset + i) % 4])
         .collect()
+}
+
+/// The mask key of a streamed (8-byte length) frame header as it reached the replica, after
+/// checking the rest of the header is the client's: the router re-keys with a key of its own.
+fn rekeyed_head(got: &[u8], sent: &[u8]) -> [u8; 4] {
+    assert_eq!(&got[..10], &sent[..10], "fin, opcode and length are kept");
+    let key: [u8; 4] = got[10..14].try_into().unwrap();
+    assert_ne!(
+        key, KEY,
+        "the client's mask key must not be reused (RFC 6455 5.3)"
+    );
+    key
 }
 
 #[tokio::test]
@@ -95,13 +111,13 @@ async fn a_large_frame_reaches_the_replica_before_the_client_has_sent_all_of_it(
         .await
         .unwrap();
 
-    // Only part of the frame is sent, and it is already upstream: header and bytes unchanged
-    // (the client's mask key is kept).
+    // Only part of the frame is sent, and it is already upstream: the same frame, re-keyed
+    // to a fresh mask of the router's.
     let got = receive(&mut received, head.len() + first).await;
-    assert_eq!(&got[..head.len()], &head[..]);
+    let key = rekeyed_head(&got, &head);
     assert_eq!(
         &got[head.len()..head.len() + first],
-        &masked(&payload[..first], 0)[..]
+        &masked_with(key, &payload[..first], 0)[..]
     );
 
     client
@@ -112,7 +128,7 @@ async fn a_large_frame_reaches_the_replica_before_the_client_has_sent_all_of_it(
     let mut wire = got;
     wire.extend(rest);
     assert_eq!(wire.len(), head.len() + FRAME);
-    assert_eq!(&wire[head.len()..], &masked(&payload, 0)[..]);
+    assert_eq!(&wire[head.len()..], &masked_with(key, &payload, 0)[..]);
 }
 
 #[tokio::test]
@@ -200,7 +216,8 @@ async fn a_client_dying_mid_frame_gets_the_replica_a_completed_frame_and_1001() 
         "no close after the frame: {} of {frame_end} bytes",
         wire.len()
     );
-    let unmasked: Vec<u8> = masked(&wire[head.len()..frame_end], 0);
+    let key = rekeyed_head(&wire, &head);
+    let unmasked: Vec<u8> = masked_with(key, &wire[head.len()..frame_end], 0);
     assert!(unmasked[..sent].iter().all(|&b| b == 0xcd));
     assert!(unmasked[sent..].iter().all(|&b| b == 0), "padding is zeros");
     let close = &wire[frame_end..];

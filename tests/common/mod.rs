@@ -272,7 +272,7 @@ pub fn accept_for(head: &str) -> String {
                 .then(|| l[18..].trim().to_string())
         })
         .unwrap_or_default();
-    wsrouter::proxy::handshake::accept_key(key.as_bytes())
+    wsrouter::upstream::accept_key(key.as_bytes())
 }
 
 /// A hand-written replica on 127.0.0.1 for behaviour the echo replica cannot show.

@@ -17,8 +17,9 @@ fuzz_target!(|data: &[u8]| {
             let urls: HashSet<_> = config.replicas.iter().map(|r| r.url.as_str()).collect();
             assert_eq!(urls.len(), config.replicas.len(), "duplicate replica urls accepted");
             assert!(config.replicas.iter().all(|r| r.weight > 0.0 && r.weight.is_finite()));
-            assert!(config.health_check.interval_seconds > 0.0);
-            assert!(config.health_check.timeout_seconds > 0.0);
+            assert!(!config.health_check.interval.is_zero());
+            assert!(!config.health_check.timeout.is_zero());
+            assert!(config.limits.max_sessions <= config.limits.max_connections);
             // What loads must also build a registry.
             let registry = wsrouter::registry::Registry::new(&config);
             assert_eq!(registry.replicas().len(), config.replicas.len());

@@ -1,6 +1,7 @@
 //! The client handshake path: bytes parsed as an HTTP request head (as hyper would), then the
-//! router's upgrade check, the sticky-key lookups and the upstream request it would send.
-//! Nothing panics, and the upstream request always is a clean WebSocket upgrade to the replica.
+//! router's upgrade check, the sticky-key lookups, the client address behind a trusted proxy
+//! and the upstream request it would send. Nothing panics, and the upstream request always is
+//! a clean WebSocket upgrade to the replica that says where the client really came from.
 
 #![no_main]
 
@@ -11,8 +12,9 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::Request;
 use libfuzzer_sys::fuzz_target;
 use wsrouter::balance::Balancer;
-use wsrouter::config::{Policy, StickyKey};
-use wsrouter::proxy::handshake::{check_client_request, upstream_request};
+use wsrouter::close::RequestId;
+use wsrouter::config::{Cidr, Policy, StickyKey};
+use wsrouter::http::{check_upgrade, upstream_request};
 use wsrouter::registry::{Registry, Replica};
 
 fn replica() -> &'static Arc<Replica> {
@@ -48,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(request) = builder.body(()) else {
         return;
     };
-    if check_client_request(&request).is_err() {
+    if check_upgrade(request.method(), request.version(), request.headers()).is_err() {
         return;
     }
     let (parts, ()) = request.into_parts();
@@ -62,9 +64,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(!key.is_empty());
         }
     }
-    let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let peer: SocketAddr = "10.0.0.9:40000".parse().unwrap();
+    let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+    let client = wsrouter::client::client_address(peer.ip(), &parts.headers, &trusted);
     let replica = replica();
-    let upstream = upstream_request(&parts, client, replica, "dGhlIHNhbXBsZSBub25jZQ==");
+    let request = upstream_request(&parts, peer.ip(), client, RequestId(1), &trusted);
+    let upstream = request.head(replica, "dGhlIHNhbXBsZSBub25jZQ==");
     // What goes on the wire is one complete, well-formed request head and nothing more.
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut sent = httparse::Request::new(&mut headers);
@@ -91,5 +96,8 @@ fuzz_target!(|data: &[u8]| {
     assert!(all("sec-websocket-extensions").is_empty(), "extensions are never offered upstream");
     let forwarded = all("x-forwarded-for");
     assert_eq!(forwarded.len(), 1);
-    assert!(forwarded[0].ends_with(b"127.0.0.1"));
+    assert!(forwarded[0].ends_with(b"10.0.0.9"));
+    assert_eq!(all("x-real-ip"), [client.to_string().as_bytes()]);
+    assert!(all("forwarded").is_empty());
+    assert!(all("expect").is_empty());
 });

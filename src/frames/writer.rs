@@ -44,31 +44,46 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Queue `frame` (or write it out now if it is large); nothing is sent before
-    /// [`FrameWriter::flush`] unless the buffer fills. A frame read from a client keeps that
-    /// client's mask when written as a client: the bytes on the wire are the client's.
+    /// [`FrameWriter::flush`] unless the buffer fills. Its payload is plain: a client writer
+    /// masks it under a fresh key (RFC 6455 5.3), whatever key the frame came with.
     pub async fn write_frame(&mut self, frame: Frame<'_>) -> Result<(), WebSocketError> {
+        self.write(frame, false).await
+    }
+
+    /// As [`FrameWriter::write_frame`] for a payload already masked under `frame.mask` (a
+    /// client writer only): written as it is.
+    pub async fn write_premasked(&mut self, frame: Frame<'_>) -> Result<(), WebSocketError> {
+        self.write(frame, true).await
+    }
+
+    async fn write(&mut self, frame: Frame<'_>, premasked: bool) -> Result<(), WebSocketError> {
         let total = self.check(&frame)?;
         if self.buf.len() + total > MAX_BUFFERED_BYTES {
             std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
         }
         if self.buf.is_empty() && total >= DIRECT_WRITE_BYTES {
-            let mut frame = self.prepare(frame);
+            let mut frame = self.prepare(frame, premasked);
             frame.writev(&mut self.inner).await?;
         } else {
-            self.append(frame);
+            self.append(frame, premasked);
         }
         Ok(())
     }
 
     /// Queue `frame` if that needs no waiting: it is small and fits in the buffer (most
-    /// frames). Otherwise the frame comes back untouched, for [`FrameWriter::write_frame`].
-    /// This keeps the caller's future small: it need not hold a write in flight.
-    pub fn try_queue<'f>(&mut self, frame: Frame<'f>) -> Result<Option<Frame<'f>>, WebSocketError> {
+    /// frames). Otherwise the frame comes back untouched, for [`FrameWriter::write_frame`]
+    /// (or [`FrameWriter::write_premasked`]). This keeps the caller's future small: it need not
+    /// hold a write in flight.
+    pub fn try_queue<'f>(
+        &mut self,
+        frame: Frame<'f>,
+        premasked: bool,
+    ) -> Result<Option<Frame<'f>>, WebSocketError> {
         let total = self.check(&frame)?;
         if total >= DIRECT_WRITE_BYTES || self.buf.len() + total > MAX_BUFFERED_BYTES {
             return Ok(Some(frame));
         }
-        self.append(frame);
+        self.append(frame, premasked);
         Ok(None)
     }
 
@@ -86,17 +101,29 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(2 + length_bytes + if self.masks { 4 } else { 0 } + len)
     }
 
-    /// Mask the frame if this side masks, and note a Close.
-    fn prepare<'f>(&mut self, mut frame: Frame<'f>) -> Frame<'f> {
+    /// Mask the frame under a fresh key if this side masks (unless it is `premasked`), and
+    /// note a Close.
+    fn prepare<'f>(&mut self, frame: Frame<'f>, premasked: bool) -> Frame<'f> {
         self.closed = frame.opcode == OpCode::Close;
-        if self.masks {
-            frame.mask();
+        if !self.masks {
+            // A server's frames carry no mask, whatever the frame came with.
+            return Frame::new(frame.fin, frame.opcode, None, frame.payload);
         }
+        if premasked {
+            return frame;
+        }
+        let mut frame = Frame::new(
+            frame.fin,
+            frame.opcode,
+            Some(super::fresh_mask()),
+            frame.payload,
+        );
+        frame.mask();
         frame
     }
 
-    fn append(&mut self, frame: Frame<'_>) {
-        let mut frame = self.prepare(frame);
+    fn append(&mut self, frame: Frame<'_>, premasked: bool) {
+        let mut frame = self.prepare(frame, premasked);
         let mut head = [0u8; MAX_HEAD_BYTES];
         let head_len = frame.fmt_head(&mut head);
         self.buf.reserve(head_len + frame.payload.len());
@@ -189,7 +216,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::reader::FrameReader;
+    use crate::frames::FrameReader;
     use fastwebsockets::Payload;
     use tokio::io::AsyncReadExt;
 
@@ -269,17 +296,19 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let mut w = FrameWriter::new(a, Role::Server);
         assert!(w
-            .try_queue(Frame::text(Payload::Borrowed(b"small")))
+            .try_queue(Frame::text(Payload::Borrowed(b"small")), false)
             .unwrap()
             .is_none());
         let big = vec![b'x'; DIRECT_WRITE_BYTES];
-        let back = w.try_queue(Frame::binary(Payload::Borrowed(&big))).unwrap();
+        let back = w
+            .try_queue(Frame::binary(Payload::Borrowed(&big)), false)
+            .unwrap();
         let back = back.expect("a large frame is not queued");
         assert_eq!(back.payload.len(), big.len());
         w.write_frame(back).await.unwrap();
         w.write_frame(Frame::close(1000, b"")).await.unwrap();
         assert!(matches!(
-            w.try_queue(Frame::text(Payload::Borrowed(b"late"))),
+            w.try_queue(Frame::text(Payload::Borrowed(b"late")), false),
             Err(WebSocketError::ConnectionClosed)
         ));
         w.shutdown().await.unwrap();

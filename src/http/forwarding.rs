@@ -1,0 +1,194 @@
+//! What of a client's upgrade request goes on to the replica.
+//!
+//! Kept: the path and query, and end-to-end headers (Origin, Authorization, cookies,
+//! subprotocols, ...). Dropped: hop-by-hop headers, headers the client's `Connection` names,
+//! `Sec-WebSocket-Extensions` (no extension is negotiated through the router), `Expect`, and
+//! every claim about where the request came from. Those are rewritten by the router:
+//! `X-Forwarded-For` / `-Proto` / `-Host` are kept (and extended) only from a trusted front
+//! proxy and overwritten otherwise; `Forwarded` is dropped; `X-Real-IP` and `X-Request-Id`
+//! are the router's own.
+
+use std::net::IpAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+
+use crate::client::is_trusted;
+use crate::close::RequestId;
+use crate::config::Cidr;
+use crate::upstream::UpstreamRequest;
+
+/// Headers never passed on as they came.
+fn is_dropped(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "connection"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "content-length"
+            | "expect"
+            | "sec-websocket-key"
+            | "sec-websocket-version"
+            | "sec-websocket-accept"
+            // permessage-deflate cannot pass through a frame-level pump: never offer it upstream.
+            | "sec-websocket-extensions"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-request-id"
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
+            | "x-forwarded-host"
+    )
+}
+
+/// Header names the client's `Connection` header lists: hop-by-hop by its own say-so.
+fn named_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The upstream request for a client's upgrade: `peer` is the TCP peer, `client` the client
+/// address found for it (the peer, or from a trusted proxy's X-Forwarded-For).
+pub fn upstream_request(
+    parts: &Parts,
+    peer: IpAddr,
+    client: IpAddr,
+    request_id: RequestId,
+    trusted: &[Cidr],
+) -> UpstreamRequest {
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/")
+        .to_string();
+    let named = named_in_connection(&parts.headers);
+    let mut headers: Vec<(HeaderName, HeaderValue)> = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| !is_dropped(name) && !named.contains(name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let from_trusted_proxy = is_trusted(peer, trusted);
+    let kept = |name: &str| -> Option<&HeaderValue> {
+        from_trusted_proxy
+            .then(|| parts.headers.get(name))
+            .flatten()
+    };
+    let peer_text = peer.to_string();
+    let forwarded_for = match kept("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {peer_text}"),
+        None => peer_text,
+    };
+    let mut add = |name: &'static str, value: HeaderValue| {
+        headers.push((HeaderName::from_static(name), value));
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        add("x-forwarded-for", value);
+    }
+    add(
+        "x-forwarded-proto",
+        kept("x-forwarded-proto")
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("http")),
+    );
+    if let Some(host) = kept("x-forwarded-host").or_else(|| parts.headers.get(header::HOST)) {
+        add("x-forwarded-host", host.clone());
+    }
+    if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+        add("x-real-ip", value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
+        add("x-request-id", value);
+    }
+    UpstreamRequest {
+        path_and_query,
+        headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut builder = hyper::Request::get("/v1/stream?token=abc");
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn sent(request: &UpstreamRequest, name: &str) -> Vec<String> {
+        request
+            .headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.to_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_untrusted_client_cannot_say_where_it_comes_from() {
+        let p = parts(&[
+            ("host", "router.example"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-request-id", "forged"),
+            ("connection", "Upgrade, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("expect", "100-continue"),
+            ("origin", "https://app.example"),
+            ("authorization", "Bearer t"),
+        ]);
+        let peer: IpAddr = "203.0.113.5".parse().unwrap();
+        let request = upstream_request(&p, peer, peer, RequestId(7), &[]);
+        assert_eq!(request.path_and_query, "/v1/stream?token=abc");
+        assert_eq!(sent(&request, "x-forwarded-for"), ["203.0.113.5"]);
+        assert_eq!(sent(&request, "x-forwarded-proto"), ["http"]);
+        assert_eq!(sent(&request, "x-forwarded-host"), ["router.example"]);
+        assert_eq!(sent(&request, "x-real-ip"), ["203.0.113.5"]);
+        assert_eq!(sent(&request, "x-request-id"), ["0000000000000007"]);
+        for gone in ["forwarded", "x-secret-hop", "expect", "connection", "host"] {
+            assert!(sent(&request, gone).is_empty(), "{gone} was passed on");
+        }
+        assert_eq!(sent(&request, "origin"), ["https://app.example"]);
+        assert_eq!(sent(&request, "authorization"), ["Bearer t"]);
+    }
+
+    #[test]
+    fn a_trusted_proxy_keeps_its_forwarding_headers_extended() {
+        let p = parts(&[
+            ("host", "internal:9000"),
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "app.example"),
+        ]);
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        let client: IpAddr = "198.51.100.7".parse().unwrap();
+        let trusted = vec!["10.0.0.0/8".parse().unwrap()];
+        let request = upstream_request(&p, proxy, client, RequestId(1), &trusted);
+        assert_eq!(
+            sent(&request, "x-forwarded-for"),
+            ["198.51.100.7, 10.0.0.2"]
+        );
+        assert_eq!(sent(&request, "x-forwarded-proto"), ["https"]);
+        assert_eq!(sent(&request, "x-forwarded-host"), ["app.example"]);
+        assert_eq!(sent(&request, "x-real-ip"), ["198.51.100.7"]);
+    }
+}

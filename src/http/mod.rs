@@ -1,0 +1,197 @@
+//! The HTTP side: each accepted connection is served by hyper with a tower stack.
+//!
+//! ```text
+//!   request id            (RequestIdLayer: an id per request, for logs and the client)
+//!   trace                 (tower-http TraceLayer: one span per request and its session)
+//!   routes                (stream path, /health, /ready, /status, /metrics, 404)
+//!   └─ stream path:
+//!      open session       (the edge: 101 and spawn, or the one answer for every refusal)
+//!      upgrade check      (426 / 400 / 405 / 417; body or Expect refused)
+//!      drain gate         (503 while shutting down)
+//!      session permit     (503 + Retry-After at max_sessions or the client's limit)
+//!      select             (candidates from the snapshot, or gpu_unavailable)
+//!      join               (fast-join racing over the connector: timeout, handshake, TCP)
+//! ```
+//!
+//! Each layer is small and takes its state in its constructor, so it is tested with
+//! `oneshot` and no sockets. Errors travel as [`Refusal`] to the edge, which alone turns them
+//! into an answer and counts them.
+
+mod admin;
+mod forwarding;
+mod join;
+mod layers;
+mod respond;
+mod routes;
+
+pub use forwarding::upstream_request;
+pub use join::{race, Joined, RaceSettings};
+pub use layers::{
+    check_upgrade, Candidates, ClientInfo, DrainGateLayer, HandshakeRefusal, RequestIdLayer,
+    SelectLayer, SessionPermitLayer, UpgradeCheckLayer,
+};
+pub use respond::{Admitted, Refusal};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::admission::{ConnectionGuard, SessionGate};
+use crate::balance::Balancer;
+use crate::config::{Cidr, Config};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::relay::{Keepalive, SessionLimits};
+use crate::session::{SessionContext, SessionSettings};
+
+pub type Body = Full<Bytes>;
+
+/// Largest request head (request line plus headers) accepted; beyond it, 431.
+const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
+
+/// The reloadable part of the HTTP side's configuration.
+pub struct HttpSettings {
+    pub stream_path: String,
+    pub trusted_proxies: Vec<Cidr>,
+    pub header_read_timeout: Duration,
+    pub balancer: Balancer,
+    pub race: RaceSettings,
+}
+
+impl HttpSettings {
+    pub fn new(config: &Config) -> HttpSettings {
+        let balance = &config.balance;
+        HttpSettings {
+            stream_path: config.listen.stream_path.clone(),
+            trusted_proxies: config.listen.trusted_proxies.clone(),
+            header_read_timeout: config.limits.header_read_timeout,
+            balancer: Balancer::new(balance.policy, balance.sticky_key.clone()),
+            race: RaceSettings {
+                candidates: balance.race_candidates,
+                delay: balance.race_delay,
+                connect_timeout: config.limits.connect_timeout,
+            },
+        }
+    }
+}
+
+fn session_settings(config: &Config) -> SessionSettings {
+    SessionSettings {
+        limits: SessionLimits {
+            close_timeout: config.limits.close_timeout,
+            max_frame_bytes: config.limits.max_frame_bytes,
+        },
+        keepalive: Keepalive {
+            ping_interval: config.sessions.ping_interval,
+            idle_timeout: config.sessions.idle_timeout,
+        },
+        close_on_unhealthy: config.sessions.close_on_unhealthy,
+        max_lifetime: config.sessions.max_lifetime,
+        stream_path: config.listen.stream_path.clone(),
+    }
+}
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// The stream path, /health and /ready; /status and /metrics too when `admin` is false.
+    Public { admin: bool },
+    /// /status, /metrics, /health and /ready only.
+    Admin,
+}
+
+/// What the HTTP side shares across connections and workers.
+pub struct Proxy {
+    pub registry: Arc<Registry>,
+    pub settings: Arc<ArcSwap<HttpSettings>>,
+    pub sessions: Arc<SessionGate>,
+    pub session_context: Arc<SessionContext>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+    /// Whether /status and /metrics are on the public listener.
+    pub public_admin: bool,
+    /// Open connections and their limit, for /status and /metrics.
+    pub connections: Arc<crate::admission::ConnectionGate>,
+    pub started: Instant,
+}
+
+impl Proxy {
+    pub fn new(
+        registry: Arc<Registry>,
+        config: &Config,
+        sessions: Arc<SessionGate>,
+        connections: Arc<crate::admission::ConnectionGate>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Proxy {
+        Proxy {
+            registry,
+            settings: Arc::new(ArcSwap::from_pointee(HttpSettings::new(config))),
+            sessions,
+            session_context: Arc::new(SessionContext {
+                settings: ArcSwap::from_pointee(session_settings(config)),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            }),
+            metrics,
+            shutdown,
+            public_admin: config.admin.is_none(),
+            connections,
+            started: Instant::now(),
+        }
+    }
+
+    /// Take a reloaded config for requests and sessions that start from now on. Built first,
+    /// swapped after: nothing is half-applied.
+    pub fn reconfigure(&self, config: &Config) {
+        let http = Arc::new(HttpSettings::new(config));
+        let session = Arc::new(session_settings(config));
+        self.sessions.reconfigure(&config.limits);
+        self.connections
+            .reconfigure(&config.limits, &config.listen.trusted_proxies);
+        self.settings.store(http);
+        self.session_context.settings.store(session);
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Serve one accepted connection: HTTP/1.1 with upgrades, a header-read timeout, and
+    /// bounded request heads (hyper answers 431 beyond the buffer). `guard` holds the
+    /// connection's place under the connection limits until the connection (or its session)
+    /// ends.
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        endpoints: Endpoints,
+        guard: ConnectionGuard,
+    ) {
+        if let Err(error) = crate::net::prepare_socket(&stream) {
+            tracing::debug!(%peer, %error, "cannot set up the client socket");
+        }
+        let header_read_timeout = self.settings.load().header_read_timeout;
+        let service = routes::stack(self.clone(), peer, endpoints, Arc::new(guard));
+        let result = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .max_header_size(MAX_REQUEST_HEAD_BYTES)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .with_upgrades()
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Hot reload: a new config is applied to a running router on SIGHUP and when the file
+//! changes. All or nothing: the file is read and validated whole, the new settings are built,
+//! and only then swapped in. A file that cannot be read leaves everything as it is; one that
+//! is invalid is logged with the key at fault and the running config stays.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::{Config, ConfigError};
+use crate::http::Proxy;
+use crate::metrics::Metrics;
+use crate::registry::{Changes, Registry};
+
+/// Applies reloaded configs to a running router: replicas, health checks, balancing, session
+/// settings and the per-client limits, for new sessions. Live sessions are untouched;
+/// replicas whose url is unchanged keep their health state. `[listen]`, `[admin]` and the
+/// router-wide connection and session limits are fixed at start: a change to them is reported
+/// and needs a restart.
+#[derive(Clone)]
+pub struct Reloader {
+    registry: Arc<Registry>,
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    running: Arc<Mutex<Config>>,
+    /// max_connections and max_sessions in force.
+    limits: (usize, usize),
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub enum Reload {
+    Applied(Changes),
+    /// The file could not be read (say, for want of descriptors): nothing changed.
+    Unread(ConfigError),
+    /// The file was read and is invalid: nothing changed.
+    Rejected(ConfigError),
+}
+
+impl Reloader {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        proxy: Arc<Proxy>,
+        metrics: Arc<Metrics>,
+        config: Config,
+        limits: (usize, usize),
+    ) -> Reloader {
+        Reloader {
+            registry,
+            proxy,
+            metrics,
+            running: Arc::new(Mutex::new(config)),
+            limits,
+        }
+    }
+
+    /// Apply a validated config.
+    pub fn apply(&self, config: Config) -> Changes {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        self.warn_about_fixed_settings(&running, &config);
+        // Everything is built from a config that passed validation: nothing below can fail.
+        let changes = self.registry.reconfigure(&config);
+        self.proxy.reconfigure(&config);
+        tracing::info!(
+            added = %changes.added.join(","),
+            removed = %changes.removed.join(","),
+            kept = changes.kept.len(),
+            "config reloaded"
+        );
+        self.metrics.reloads.ok.fetch_add(1, Ordering::Relaxed);
+        self.metrics.reloads.last_ok_unix_ms.store(
+            (crate::registry::unix_now() * 1000.0) as u64,
+            Ordering::Relaxed,
+        );
+        *running = config;
+        changes
+    }
+
+    /// Settings that only a restart changes: say so, naming old and new, when they changed.
+    fn warn_about_fixed_settings(&self, running: &Config, new: &Config) {
+        let (old_listen, new_listen) = (&running.listen, &new.listen);
+        if old_listen.addr != new_listen.addr {
+            tracing::warn!(running = %old_listen.addr, configured = %new_listen.addr, "listen address changed in the config; it takes effect on restart");
+        }
+        if old_listen.workers != new_listen.workers {
+            let show = |w: Option<usize>| w.map_or("one per core".to_string(), |w| w.to_string());
+            tracing::warn!(running = %show(old_listen.workers), configured = %show(new_listen.workers), "listen.workers changed in the config; it takes effect on restart");
+        }
+        if running.admin != new.admin {
+            let show = |a: &Option<crate::config::Admin>| {
+                a.as_ref().map_or("-".to_string(), |a| a.addr.to_string())
+            };
+            tracing::warn!(running = %show(&running.admin), configured = %show(&new.admin), "admin.listen changed in the config; it takes effect on restart");
+        }
+        let (connections, sessions) = self.limits;
+        if !new.limits.connections_by_default && new.limits.max_connections != connections {
+            tracing::warn!(
+                running = connections,
+                configured = new.limits.max_connections,
+                "limits.max_connections changed in the config; it takes effect on restart"
+            );
+        }
+        if !new.limits.sessions_by_default && new.limits.max_sessions != sessions {
+            tracing::warn!(
+                running = sessions,
+                configured = new.limits.max_sessions,
+                "limits.max_sessions changed in the config; it takes effect on restart"
+            );
+        }
+    }
+
+    /// Load `path` and apply it; a file that cannot be read or is invalid changes nothing.
+    pub fn reload_file(&self, path: &Path) -> Reload {
+        match Config::load(path) {
+            Ok(config) => Reload::Applied(self.apply(config)),
+            Err(error) if error.is_read_error() => {
+                tracing::warn!(path = %path.display(), %error, "config file unreadable; the running config stays unchanged");
+                Reload::Unread(error)
+            }
+            Err(error) => {
+                self.metrics.reloads.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(path = %path.display(), %error, "config reload rejected; the running config stays");
+                Reload::Rejected(error)
+            }
+        }
+    }
+
+    /// Reload on SIGHUP, and whenever the file's contents change (looked at every `poll`).
+    /// The SIGHUP handler is installed before this returns, so a signal sent once the router
+    /// listens cannot hit SIGHUP's default action (exit). Call it inside the runtime.
+    pub fn watch(self, path: PathBuf, poll: Duration) -> impl Future<Output = ()> {
+        let seen = std::fs::read(&path).ok();
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        self.watch_loop(path, poll, seen, hangups)
+    }
+
+    async fn watch_loop(
+        self,
+        path: PathBuf,
+        poll: Duration,
+        mut seen: Option<Vec<u8>>,
+        mut hangups: Option<tokio::signal::unix::Signal>,
+    ) {
+        loop {
+            let hangup = async {
+                match hangups.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let forced = tokio::select! {
+                _ = hangup => true,
+                () = tokio::time::sleep(poll) => false,
+            };
+            if forced {
+                tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
+            }
+            match std::fs::read(&path) {
+                // Unread is not changed: keep what was seen and try again at the next look.
+                Err(error) => {
+                    if forced {
+                        tracing::warn!(path = %path.display(), %error, "config file unreadable; the running config stays unchanged");
+                    }
+                }
+                Ok(contents) => {
+                    if forced || seen.as_ref() != Some(&contents) {
+                        // Remembered even when invalid, so a bad file is reported once, not
+                        // every poll.
+                        seen = Some(contents);
+                        let _ = self.reload_file(&path);
+                    }
+                }
+            }
+        }
+    }
+}

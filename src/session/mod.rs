@@ -1,0 +1,368 @@
+//! A session from its 101 to its end: the client's upgraded socket and the replica's are
+//! handed to the relay, the router's reasons to end it early are watched, and the end is
+//! counted and written to the access log. Also the short life of a refused session: a 101
+//! only to tell the client why there is no session.
+
+mod socket;
+
+pub use socket::Prefixed;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fastwebsockets::Role;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::admission::{ConnectionGuard, SessionPermit};
+use crate::close::{CloseReason, Notice, RequestId};
+use crate::frames::FrameReader;
+use crate::metrics::{CloseCode, Metrics};
+use crate::registry::{Replica, SessionGuard, Status};
+use crate::relay::{self, CloseOrder, Keepalive, SessionEnd, SessionLimits};
+use crate::upstream::Upstream;
+use socket::{finish_socket, upstream_halves, ClientSocket};
+
+/// What sessions read when they start (swapped whole on reload; live sessions keep theirs).
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub limits: SessionLimits,
+    pub keepalive: Keepalive,
+    pub close_on_unhealthy: bool,
+    pub max_lifetime: Option<Duration>,
+    /// For the access log.
+    pub stream_path: String,
+}
+
+/// What every session shares.
+pub struct SessionContext {
+    pub settings: ArcSwap<SessionSettings>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Who a session (or a refused upgrade) is for, as the access log names it, and since when.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub request_id: RequestId,
+    /// The TCP peer.
+    pub addr: IpAddr,
+    /// X-Forwarded-For as a trusted front proxy sent it.
+    pub forwarded_for: Option<Box<str>>,
+    pub started: Instant,
+}
+
+/// A session's hold on its resources: the router-wide and per-client permit, the client
+/// connection's place and the replica's slot, all released when it drops.
+pub struct Session {
+    /// Boxed: only the access log reads it, and every open session holds this struct.
+    pub peer: Box<Peer>,
+    pub replica: Arc<Replica>,
+    pub slot: SessionGuard,
+    pub permit: Option<SessionPermit>,
+    pub connection: Arc<ConnectionGuard>,
+}
+
+/// Bridge an upgraded client and a connected replica until the session ends.
+///
+/// An async block rather than an async fn: an async fn moves its arguments into locals and
+/// keeps both copies, and every open session holds this future.
+#[allow(clippy::manual_async_fn)]
+pub fn run(
+    context: Arc<SessionContext>,
+    session: Session,
+    upgrade: hyper::upgrade::OnUpgrade,
+    upstream: Upstream,
+) -> impl Future<Output = ()> + Send + 'static {
+    // Split out here: the future then holds the halves, not the handshake's leftovers.
+    let (mut upstream_read, mut upstream_write) = upstream_halves(upstream);
+    async move {
+        let Some(client) = ClientSocket::upgrade(upgrade).await else {
+            return;
+        };
+        let (mut client_read, mut client_write) = client.into_halves();
+        let (limits, keepalive) = {
+            let settings = context.settings.load();
+            (settings.limits, settings.keepalive)
+        };
+        let end = relay::bridge(
+            &mut client_read,
+            &mut client_write,
+            &mut upstream_read,
+            &mut upstream_write,
+            limits,
+            keepalive.watch(Instant::now()),
+            // Boxed: the session future then holds it once, not as argument and local.
+            Box::pin(stop_signal(&context, &session.replica)),
+            [&context.metrics.traffic, session.replica.traffic()],
+            session.peer.request_id,
+        )
+        .await;
+        // Boxed: rare, and every open session's future would otherwise have room for it.
+        Box::pin(record_end(&context, &session, &end)).await;
+        let closed_cleanly = end.closed_cleanly();
+        // The session is over; lingering on the sockets does not count against limits.
+        drop(session);
+        if closed_cleanly {
+            // Both Close frames have passed, so neither peer may send more: closing now
+            // cannot reset anything in flight. Closing straight away, without tokio's
+            // half-close on dropping a write half and without the linger, saves three
+            // system calls per session.
+            client_write.into_inner().forget();
+            upstream_write.into_inner().forget();
+            return;
+        }
+        tokio::join!(finish_socket(client_read, client_write), async {
+            let _ = upstream_write.shutdown().await;
+        });
+    }
+}
+
+/// Resolves when the router must end a session on `replica`: shutdown, the replica turning
+/// unhealthy (with `close_on_unhealthy`), or the session reaching its maximum lifetime.
+fn stop_signal(
+    context: &SessionContext,
+    replica: &Replica,
+) -> impl Future<Output = CloseReason> + Send + 'static {
+    let mut shutdown = context.shutdown.clone();
+    let settings = context.settings.load();
+    let status = settings.close_on_unhealthy.then(|| replica.watch_status());
+    let lifetime = settings.max_lifetime;
+    drop(settings);
+    // On the heap and only when configured: every open session holds this future.
+    let optional = (status.is_some() || lifetime.is_some())
+        .then(|| Box::pin(unhealthy_or_expired(status, lifetime)));
+    async move {
+        let optional = async {
+            match optional {
+                Some(stop) => stop.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|stopping| *stopping) => CloseReason::Shutdown,
+            stop = optional => stop,
+        }
+    }
+}
+
+/// The optional reasons to end a session: its replica turning unhealthy (`status` is watched
+/// only with close_on_unhealthy) and its maximum lifetime.
+async fn unhealthy_or_expired(
+    mut status: Option<watch::Receiver<Status>>,
+    lifetime: Option<Duration>,
+) -> CloseReason {
+    let unhealthy = async {
+        let turned = match status.as_mut() {
+            Some(status) => status.wait_for(|s| *s == Status::Unhealthy).await.is_ok(),
+            None => false,
+        };
+        if !turned {
+            std::future::pending::<()>().await;
+        }
+    };
+    let expired = async {
+        match lifetime {
+            Some(lifetime) => tokio::time::sleep(lifetime).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = unhealthy => CloseReason::WorkerUnhealthy,
+        () = expired => CloseReason::SessionExpired,
+    }
+}
+
+/// Count a session's end and write its access-log line.
+async fn record_end(context: &SessionContext, session: &Session, end: &SessionEnd) {
+    let metrics = &context.metrics;
+    let duration = session.peer.started.elapsed();
+    metrics.ended.add(end.reason);
+    metrics.client_close_codes.add(CloseCode(end.client_code));
+    metrics.replica_close_codes.add(CloseCode(end.replica_code));
+    metrics.session_seconds.observe(duration);
+    let settings = context.settings.load();
+    let peer = &session.peer;
+    tracing::info!(
+        target: "wsrouter::access",
+        request_id = %peer.request_id,
+        peer = %peer.addr,
+        forwarded_for = peer.forwarded_for.as_deref().unwrap_or("-"),
+        path = %settings.stream_path,
+        status = 101,
+        replica = %session.replica.name,
+        duration_ms = duration.as_millis() as u64,
+        to_replica_frames = end.upstream.frames,
+        to_replica_bytes = end.upstream.bytes,
+        to_client_frames = end.client.frames,
+        to_client_bytes = end.client.bytes,
+        client_close = code_text(end.client_code),
+        replica_close = code_text(end.replica_code),
+        reason = end.reason.label(),
+        error = end.error().as_deref().unwrap_or("-"),
+        "session"
+    );
+}
+
+fn code_text(code: Option<u16>) -> String {
+    code.map_or_else(|| "-".to_string(), |c| c.to_string())
+}
+
+/// Complete the client's upgrade only to tell it why there is no session (`reason`, with
+/// `detail` as the message when given), then wait (bounded) for its Close. The permit is held
+/// until then, so a drain waits for these too.
+pub async fn refuse(
+    context: Arc<SessionContext>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    peer: Peer,
+    reason: CloseReason,
+    detail: Option<String>,
+    permit: Option<SessionPermit>,
+) {
+    let notice: Notice = reason.to_client(detail, Some(peer.request_id));
+    let told = notice.close.map(|(code, _)| code);
+    context.metrics.ended.add(reason);
+    context.metrics.client_close_codes.add(CloseCode(told));
+    let (close_timeout, max_frame_bytes, path) = {
+        let settings = context.settings.load();
+        (
+            settings.limits.close_timeout,
+            settings.limits.max_frame_bytes,
+            settings.stream_path.clone(),
+        )
+    };
+    tracing::info!(
+        target: "wsrouter::access",
+        request_id = %peer.request_id,
+        peer = %peer.addr,
+        forwarded_for = peer.forwarded_for.as_deref().unwrap_or("-"),
+        path = %path,
+        status = 101,
+        replica = "-",
+        client_close = code_text(told),
+        reason = reason.label(),
+        "session refused"
+    );
+    let Some(client) = ClientSocket::upgrade(upgrade).await else {
+        return;
+    };
+    let (mut read, mut write) = client.into_halves();
+    relay::write_order(&mut write, CloseOrder::from(notice)).await;
+    let mut frames = FrameReader::new(Role::Server, max_frame_bytes);
+    relay::drain_until_close(&mut frames, &mut read, Instant::now() + close_timeout).await;
+    drop(permit);
+    tracing::trace!(
+        elapsed_ms = peer.started.elapsed().as_millis() as u64,
+        "refusal done"
+    );
+    finish_socket(read, write).await;
+}
+
+/// Close a replica connection nobody will use (a handshake that lost a race): Close 1001,
+/// then a bounded wait for the reply.
+pub async fn close_unused(context: Arc<SessionContext>, upstream: Upstream) {
+    let (close_timeout, max_frame_bytes) = {
+        let settings = context.settings.load();
+        (
+            settings.limits.close_timeout,
+            settings.limits.max_frame_bytes,
+        )
+    };
+    let (mut read, mut write) = upstream_halves(upstream);
+    let order = CloseOrder {
+        error_json: None,
+        close: Some((1001, "lost the race to another replica")),
+    };
+    relay::write_order(&mut write, order).await;
+    let mut frames = FrameReader::new(Role::Client, max_frame_bytes);
+    relay::drain_until_close(&mut frames, &mut read, Instant::now() + close_timeout).await;
+    let _ = write.shutdown().await;
+}
+
+#[cfg(test)]
+mod budget {
+    use super::*;
+
+    /// What every open session holds, in bytes: its task's future (tokio puts it in a cell
+    /// with 200 bytes of its own, aligned to 128, so 1,848 bytes make a 2,048-byte cell; 1 byte
+    /// more makes it 2,176, which the allocator serves from its 2,560-byte bin) and the
+    /// structs inside it. Measured on x86_64; the README's idle-memory figure rests on these.
+    const SESSION_FUTURE: usize = 1848;
+    const SESSION: usize = 64;
+    const FRAME_READER: usize = 48;
+
+    #[tokio::test]
+    async fn an_idle_session_stays_within_its_memory_budget() {
+        let config = crate::Config::parse("[[replicas]]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
+        let registry = crate::registry::Registry::new(&config);
+        let replica = registry.replicas().remove(0);
+        let slot = replica.try_reserve_session().unwrap();
+        let gate = crate::admission::SessionGate::new(10, &config.limits);
+        let connections = crate::admission::ConnectionGate::new(10, &config.limits, &[]);
+        let localhost: IpAddr = "127.0.0.1".parse().unwrap();
+        let connection = Arc::new(connections.admit(localhost).ok().unwrap());
+        let permit = gate.acquire(crate::client::ClientKey::from(localhost)).ok();
+        let (_shutdown, shutdown_rx) = watch::channel(false);
+        let context = Arc::new(SessionContext {
+            settings: ArcSwap::from_pointee(SessionSettings {
+                limits: SessionLimits {
+                    close_timeout: Duration::from_secs(1),
+                    max_frame_bytes: 1 << 20,
+                },
+                keepalive: Keepalive::default(),
+                close_on_unhealthy: false,
+                max_lifetime: None,
+                stream_path: "/v1/stream".into(),
+            }),
+            metrics: Arc::new(Metrics::default()),
+            shutdown: shutdown_rx,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let upstream = Upstream {
+            stream,
+            leftover: bytes::Bytes::new(),
+            response_headers: Default::default(),
+        };
+        let session = Session {
+            peer: Box::new(Peer {
+                request_id: RequestId(1),
+                addr: localhost,
+                forwarded_for: None,
+                started: Instant::now(),
+            }),
+            replica,
+            slot,
+            permit,
+            connection,
+        };
+        let mut request = hyper::Request::new(());
+        let upgrade = hyper::upgrade::on(&mut request);
+        let future = run(context, session, upgrade, upstream);
+        let sizes = [
+            (
+                "session future",
+                std::mem::size_of_val(&future),
+                SESSION_FUTURE,
+            ),
+            ("Session", std::mem::size_of::<Session>(), SESSION),
+            (
+                "FrameReader",
+                std::mem::size_of::<FrameReader>(),
+                FRAME_READER,
+            ),
+        ];
+        for (what, size, budget) in sizes {
+            assert!(
+                size <= budget,
+                "{what} is {size} bytes, over its budget of {budget}: every idle session pays for it \
+                 (see the budget's comment before raising it)"
+            );
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The way to a replica: a connector service (TCP today; where TLS and DNS plug in), the
+//! WebSocket handshake on top of it, and one vocabulary for how that fails.
+//!
+//! The handshake is done before the client gets its 101, so a failure can move on to the
+//! next replica and the replica's chosen subprotocol can be passed back.
+
+mod handshake;
+
+pub use handshake::{accept_key, has_token, Handshake, UpstreamRequest};
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::header::HeaderMap;
+use hyper::StatusCode;
+use tokio::net::TcpStream;
+
+use crate::metrics::ConnectFailure;
+use crate::registry::Replica;
+
+/// A replica connection that completed its WebSocket handshake.
+pub struct Upstream {
+    pub stream: TcpStream,
+    /// Bytes the replica sent right after its 101, read with the response head.
+    pub leftover: Bytes,
+    /// Headers to copy into the client's 101: the chosen subprotocol and any cookies set.
+    pub response_headers: HeaderMap,
+}
+
+/// How reaching a replica failed. `Display` names the kind in words, which is all a client is
+/// told (with the replica's name); [`ConnectError::detail`] is for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection refused")]
+    Refused(#[source] io::Error),
+    #[error("timed out")]
+    TimedOut,
+    #[error("no answer")]
+    NoAnswer(String),
+    #[error("unreachable")]
+    Unreachable(#[source] io::Error),
+    #[error("no such host")]
+    NoSuchHost(#[source] io::Error),
+    #[error("bad answer")]
+    BadAnswer(String),
+    /// The replica refused this particular request (4xx): its verdict, passed to the client.
+    #[error("refused the upgrade with HTTP {}", .0.as_u16())]
+    Rejected(StatusCode),
+    /// The router's own shortage (descriptors, memory, ports): no replica's fault.
+    #[error("router out of resources")]
+    Local(#[source] io::Error),
+}
+
+impl ConnectError {
+    /// A connect error as a kind: refused, unreachable, a local shortage, or "no answer".
+    pub fn from_connect(error: io::Error) -> ConnectError {
+        if crate::net::is_local_shortage(&error) {
+            return ConnectError::Local(error);
+        }
+        match error.kind() {
+            io::ErrorKind::ConnectionRefused => ConnectError::Refused(error),
+            io::ErrorKind::TimedOut => ConnectError::TimedOut,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                ConnectError::Unreachable(error)
+            }
+            _ => match error.raw_os_error() {
+                Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => ConnectError::Unreachable(error),
+                // A failed name lookup carries no OS error.
+                None => ConnectError::NoSuchHost(error),
+                Some(_) => ConnectError::NoAnswer(error.to_string()),
+            },
+        }
+    }
+
+    /// A read or write on an established connection failed.
+    fn from_io(error: io::Error, what: &str) -> ConnectError {
+        if crate::net::is_local_shortage(&error) {
+            ConnectError::Local(error)
+        } else {
+            ConnectError::NoAnswer(format!("{what}: {error}"))
+        }
+    }
+
+    /// The kind, as counted.
+    pub fn kind(&self) -> ConnectFailure {
+        match self {
+            ConnectError::Refused(_) => ConnectFailure::Refused,
+            ConnectError::TimedOut => ConnectFailure::TimedOut,
+            ConnectError::NoAnswer(_) => ConnectFailure::NoAnswer,
+            ConnectError::Unreachable(_) | ConnectError::NoSuchHost(_) => {
+                ConnectFailure::Unreachable
+            }
+            ConnectError::BadAnswer(_) | ConnectError::Rejected(_) => ConnectFailure::BadAnswer,
+            ConnectError::Local(_) => ConnectFailure::Local,
+        }
+    }
+
+    /// Whether the failure says something about the replica itself, so passive health may
+    /// count it: not a per-request answer, and not the router's own shortage.
+    pub fn blames_replica(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Refused(_)
+                | ConnectError::TimedOut
+                | ConnectError::NoAnswer(_)
+                | ConnectError::Unreachable(_)
+                | ConnectError::NoSuchHost(_)
+        )
+    }
+
+    /// The whole story, for the log (may name addresses and OS errors; never sent to clients).
+    pub fn detail(&self) -> String {
+        match self {
+            ConnectError::Refused(e)
+            | ConnectError::Unreachable(e)
+            | ConnectError::NoSuchHost(e)
+            | ConnectError::Local(e) => format!("{self}: {e}"),
+            ConnectError::NoAnswer(detail) | ConnectError::BadAnswer(detail) => {
+                format!("{self}: {detail}")
+            }
+            ConnectError::TimedOut | ConnectError::Rejected(_) => self.to_string(),
+        }
+    }
+}
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Opens the transport to a replica. A tower service so the layers around it (the connect
+/// timeout today; TLS and discovery later) stack on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpConnector;
+
+impl tower::Service<Arc<Replica>> for TcpConnector {
+    type Response = TcpStream;
+    type Error = ConnectError;
+    type Future = BoxFuture<Result<TcpStream, ConnectError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, replica: Arc<Replica>) -> Self::Future {
+        Box::pin(async move {
+            let stream = TcpStream::connect(&replica.authority)
+                .await
+                .map_err(ConnectError::from_connect)?;
+            crate::net::prepare_socket(&stream).map_err(ConnectError::from_connect)?;
+            Ok(stream)
+        })
+    }
+}
+
+/// The connector stack for one join: handshake over TCP, bounded by `timeout`.
+pub fn connector(
+    timeout: std::time::Duration,
+) -> impl tower::Service<
+    (Arc<Replica>, Arc<UpstreamRequest>),
+    Response = Upstream,
+    Error = ConnectError,
+    Future = impl Future<Output = Result<Upstream, ConnectError>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::ServiceBuilder::new()
+        .map_err(
+            |error: tower::BoxError| match error.downcast::<ConnectError>() {
+                Ok(error) => *error,
+                // The only other error the stack makes is the timeout's.
+                Err(_) => ConnectError::TimedOut,
+            },
+        )
+        .timeout(timeout)
+        .service(Handshake::new(TcpConnector))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_about_the_replica_count_against_it() {
+        let refused = ConnectError::from_connect(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(matches!(refused, ConnectError::Refused(_)));
+        assert!(refused.blames_replica());
+        assert_eq!(refused.to_string(), "connection refused");
+        assert!(
+            refused.detail().contains("os error 111"),
+            "{}",
+            refused.detail()
+        );
+        let emfile = ConnectError::from_connect(io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(matches!(emfile, ConnectError::Local(_)));
+        assert!(!emfile.blames_replica());
+        assert!(!ConnectError::BadAnswer("expected HTTP 101, got 500".into()).blames_replica());
+        assert!(!ConnectError::Rejected(StatusCode::FORBIDDEN).blames_replica());
+        assert!(ConnectError::TimedOut.blames_replica());
+        let unreachable =
+            ConnectError::from_connect(io::Error::from_raw_os_error(libc::EHOSTUNREACH));
+        assert_eq!(unreachable.kind(), ConnectFailure::Unreachable);
+    }
+}
