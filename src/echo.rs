@@ -33,6 +33,7 @@ struct Shared {
     upgrade_delay_ms: AtomicU64,
     open_sessions: AtomicUsize,
     close_codes: Mutex<Vec<u16>>,
+    health_checks: AtomicU64,
 }
 
 pub struct EchoReplica {
@@ -56,6 +57,7 @@ impl EchoReplica {
             upgrade_delay_ms: AtomicU64::new(0),
             open_sessions: AtomicUsize::new(0),
             close_codes: Mutex::new(Vec::new()),
+            health_checks: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -89,6 +91,11 @@ impl EchoReplica {
     /// WebSocket sessions currently open on this replica.
     pub fn open_sessions(&self) -> usize {
         self.shared.open_sessions.load(Ordering::Relaxed)
+    }
+
+    /// `GET /health` requests answered so far.
+    pub fn health_checks(&self) -> u64 {
+        self.shared.health_checks.load(Ordering::Relaxed)
     }
 
     /// Close codes received from peers, in arrival order (1005 for a Close without a code).
@@ -127,7 +134,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                 let stop = session_stop.clone();
                 async move {
                     let delay = shared.upgrade_delay_ms.load(Ordering::Relaxed);
-                    if delay > 0 && req.uri().path() == "/v1/stream" {
+                    if delay > 0 && req.uri().path() != "/health" {
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                     }
                     Ok::<_, std::convert::Infallible>(handle(req, shared, stop))
@@ -151,13 +158,15 @@ fn handle(
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/health" => {
+            shared.health_checks.fetch_add(1, Ordering::Relaxed);
             let status = StatusCode::from_u16(shared.health_status.load(Ordering::Relaxed))
                 .unwrap_or(StatusCode::OK);
             let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
             *response.status_mut() = status;
             response
         }
-        "/v1/stream" if fastwebsockets::upgrade::is_upgrade_request(&req) => {
+        // Any path: a router may serve its stream path under another name.
+        _ if fastwebsockets::upgrade::is_upgrade_request(&req) => {
             *shared.last_request.lock().unwrap() = Some(SeenRequest {
                 uri: req.uri().to_string(),
                 headers: req.headers().clone(),

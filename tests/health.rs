@@ -163,3 +163,77 @@ async fn a_held_snapshot_is_immutable_while_new_ones_are_published() {
         Status::Healthy
     );
 }
+
+#[tokio::test]
+async fn a_hung_replica_does_not_slow_the_probes_of_the_others() {
+    // One replica accepts and never answers; probes time out after 2 s and start every 50 ms.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = format!("http://{}", hang.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = hang.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let echo = EchoReplica::start().await.unwrap();
+    let started = Instant::now();
+    let router = TestRouter::start(config(
+        &[hung, echo.url()],
+        "[health_check]\ntimeout_seconds = 2.0",
+    ))
+    .await;
+    router.wait_status(1, Status::Healthy).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the healthy replica's result waited for the hung one: {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probes = echo.health_checks();
+    assert!(
+        probes >= 10,
+        "the healthy replica was probed {probes} times in about 1 s"
+    );
+    let hung_health = router.registry.snapshot().replicas[0].health.clone();
+    assert_eq!(
+        hung_health.status,
+        Status::Unknown,
+        "its first probe is still running"
+    );
+}
+
+#[tokio::test]
+async fn the_last_latency_is_that_of_the_last_successful_probe() {
+    let (replica, router) = single_echo("").await;
+    until("a latency", || {
+        router.registry.snapshot().replicas[0]
+            .health
+            .last_latency_ms
+            .is_some()
+    })
+    .await;
+    replica.set_health_status(503);
+    until("a failed probe", || {
+        router.registry.snapshot().replicas[0]
+            .health
+            .consecutive_failures
+            >= 1
+    })
+    .await;
+    let latency = router.registry.snapshot().replicas[0]
+        .health
+        .last_latency_ms;
+    until("more failed probes", || {
+        router.registry.snapshot().replicas[0]
+            .health
+            .consecutive_failures
+            >= 4
+    })
+    .await;
+    let health = router.registry.snapshot().replicas[0].health.clone();
+    assert_eq!(
+        health.last_latency_ms, latency,
+        "failed probes leave the last latency alone"
+    );
+    assert!(health.last_error.unwrap().contains("503"));
+}

@@ -187,3 +187,56 @@ async fn balance_and_session_settings_apply_to_new_sessions() {
     assert_eq!(close_code(&read(&mut new.0).await).0, 1012);
     echo_once(&mut old, b"the old session has no lifetime").await;
 }
+
+#[tokio::test]
+async fn an_unreadable_file_changes_nothing_and_overflowing_values_are_refused_whole() {
+    let (a, b) = (
+        EchoReplica::start().await.unwrap(),
+        EchoReplica::start().await.unwrap(),
+    );
+    let w = watched(&config_text(&[(&a, true)], "")).await;
+    w.router.wait_status(0, Status::Healthy).await;
+    // A value that passed once and then panicked the reload is refused before anything
+    // changes, and the reloads after it still work.
+    let overflowing = config_text(
+        &[(&a, true), (&b, false)],
+        "[sessions]\nmax_lifetime_seconds = 1e300",
+    );
+    std::fs::write(&w.path, overflowing).unwrap();
+    match w.reloader.reload_file(&w.path) {
+        Reload::Rejected(error) => assert!(
+            error.to_string().contains("sessions.max_lifetime_seconds"),
+            "{error}"
+        ),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(names(&w.router), ["r0"]);
+    let failed_reloads = || async {
+        let metrics = raw_http(w.router.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wsrouter_config_reloads_total{result=\"failed\"} "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+    };
+    // The watcher may have seen the file too: it counts as one more rejection, no harm done.
+    let rejected = failed_reloads().await;
+    assert!(rejected >= 1);
+    // A file that cannot be read (a directory in its place) is "unchanged", not "rejected".
+    std::fs::remove_file(&w.path).unwrap();
+    std::fs::create_dir(&w.path).unwrap();
+    assert!(matches!(w.reloader.reload_file(&w.path), Reload::Unread(_)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(names(&w.router), ["r0"]);
+    let mut ws = connect(w.router.addr).await;
+    echo_once(&mut ws, b"still serving").await;
+    assert_eq!(
+        failed_reloads().await,
+        rejected,
+        "an unreadable file is not a rejected one"
+    );
+    // Readable and valid again: applied.
+    std::fs::remove_dir(&w.path).unwrap();
+    std::fs::write(&w.path, config_text(&[(&a, true), (&b, false)], "")).unwrap();
+    until("the valid config", || names(&w.router).len() == 2).await;
+}

@@ -2,59 +2,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
 use fastwebsockets::{Frame, OpCode, Payload};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 /// Larger than the size from which the router streams a frame.
 const FRAME: usize = 1 << 20;
 const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
-
-/// A replica that accepts one upgrade, then hands each chunk it reads to the test; `after_101`
-/// is written right after the 101.
-async fn recording_replica(after_101: Vec<u8>) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (chunks, received) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.unwrap());
-        }
-        let accept = accept_for(&String::from_utf8_lossy(&head));
-        let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
-        stream.write_all(response.as_bytes()).await.unwrap();
-        stream.write_all(&after_101).await.unwrap();
-        if after_101.is_empty() {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = stream.read(&mut buf).await {
-                if n == 0 || chunks.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        }
-        // With something written after the 101, the replica then dies: the socket drops.
-    });
-    (addr, received)
-}
-
-/// Read from `received` until `len` bytes have come.
-async fn receive(received: &mut mpsc::UnboundedReceiver<Vec<u8>>, len: usize) -> Vec<u8> {
-    let mut got = Vec::new();
-    bounded("bytes at the replica", async {
-        while got.len() < len {
-            got.extend(received.recv().await.expect("replica connection open"));
-        }
-    })
-    .await;
-    got
-}
 
 /// The header of a masked 1 MiB binary client frame, in its shortest form.
 fn masked_head() -> Vec<u8> {

@@ -254,10 +254,10 @@ fn refuse(
             target: "wsrouter::access",
             %request_id,
             peer = %client.peer.ip(),
-            forwarded_for = client.forwarded_for.as_deref().unwrap_or("-"),
+            forwarded_for = %client.forwarded_for.as_deref().unwrap_or("-"),
             path = %proxy.settings.load().stream_path,
             status = status.as_u16(),
-            reason,
+            reason = %reason,
             "request refused"
         );
     };

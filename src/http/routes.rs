@@ -121,7 +121,7 @@ where
                     peer = %self.peer.ip(),
                     path = request.uri().path(),
                     status = 404,
-                    reason = "not_found",
+                    reason = %"not_found",
                     "request refused"
                 );
                 json_response(

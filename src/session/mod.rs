@@ -190,7 +190,7 @@ async fn record_end(context: &SessionContext, session: &Session, end: &SessionEn
         target: "wsrouter::access",
         request_id = %peer.request_id,
         peer = %peer.addr,
-        forwarded_for = peer.forwarded_for.as_deref().unwrap_or("-"),
+        forwarded_for = %peer.forwarded_for.as_deref().unwrap_or("-"),
         path = %settings.stream_path,
         status = 101,
         replica = %session.replica.name,
@@ -199,9 +199,9 @@ async fn record_end(context: &SessionContext, session: &Session, end: &SessionEn
         to_replica_bytes = end.upstream.bytes,
         to_client_frames = end.client.frames,
         to_client_bytes = end.client.bytes,
-        client_close = code_text(end.client_code),
-        replica_close = code_text(end.replica_code),
-        reason = end.reason.label(),
+        client_close = %code_text(end.client_code),
+        replica_close = %code_text(end.replica_code),
+        reason = %end.reason.label(),
         error = end.error().as_deref().unwrap_or("-"),
         "session"
     );
@@ -238,12 +238,12 @@ pub async fn refuse(
         target: "wsrouter::access",
         request_id = %peer.request_id,
         peer = %peer.addr,
-        forwarded_for = peer.forwarded_for.as_deref().unwrap_or("-"),
+        forwarded_for = %peer.forwarded_for.as_deref().unwrap_or("-"),
         path = %path,
         status = 101,
         replica = "-",
-        client_close = code_text(told),
-        reason = reason.label(),
+        client_close = %code_text(told),
+        reason = %reason.label(),
         "session refused"
     );
     let Some(client) = ClientSocket::upgrade(upgrade).await else {

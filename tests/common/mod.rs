@@ -39,6 +39,8 @@ pub async fn until(what: &str, mut check: impl FnMut() -> bool) {
 
 pub struct TestRouter {
     pub addr: SocketAddr,
+    /// The admin listener's address, when the config sets one.
+    pub admin: Option<SocketAddr>,
     pub registry: Arc<Registry>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Drain>>,
@@ -57,12 +59,38 @@ pub fn replicas_toml(urls: &[String], primary_first: bool) -> String {
         .collect()
 }
 
-/// A config with fast health checks on 127.0.0.1:0; `extra` is spliced in before the replicas.
+/// `extra` with `defaults` for `table`: put at the top of `extra`'s own `[table]` if it has
+/// one (TOML allows a table once), else as a table of their own.
+pub fn with_table(extra: &str, table: &str, defaults: &str) -> String {
+    let header = format!("[{table}]\n");
+    // A key `extra` sets itself is not defaulted.
+    let defaults: Vec<&str> = defaults
+        .lines()
+        .filter(|line| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            !extra
+                .lines()
+                .any(|l| l.split('=').next().unwrap_or("").trim() == key)
+        })
+        .collect();
+    let defaults = defaults.join("\n");
+    if extra.contains(&header) {
+        extra.replacen(&header, &format!("{header}{defaults}\n"), 1)
+    } else {
+        format!("{header}{defaults}\n{extra}")
+    }
+}
+
+/// A config with fast health checks on 127.0.0.1:0; `extra` is spliced in before the replicas
+/// (its own `[listen]` or `[health_check]` keys join the defaults here).
 pub fn config(urls: &[String], extra: &str) -> Config {
-    let text = format!(
-        "[listen]\nhost = \"127.0.0.1\"\nport = 0\n[health_check]\ninterval_seconds = 0.05\ntimeout_seconds = 0.5\nfailure_threshold = 2\nrecovery_threshold = 2\n{extra}\n{}",
-        replicas_toml(urls, true)
+    let extra = with_table(extra, "listen", "host = \"127.0.0.1\"\nport = 0");
+    let extra = with_table(
+        &extra,
+        "health_check",
+        "interval_seconds = 0.05\ntimeout_seconds = 0.5\nfailure_threshold = 2\nrecovery_threshold = 2",
     );
+    let text = format!("{extra}\n{}", replicas_toml(urls, true));
     Config::parse(&text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
 }
 
@@ -74,6 +102,7 @@ impl TestRouter {
 
     pub fn run(router: Router) -> TestRouter {
         let addr = router.local_addr();
+        let admin = router.admin_addr();
         let registry = router.registry();
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(router.serve(async {
@@ -81,6 +110,7 @@ impl TestRouter {
         }));
         TestRouter {
             addr,
+            admin,
             registry,
             stop: Some(stop),
             task: Some(task),
@@ -139,7 +169,25 @@ pub async fn connect_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(Client, hyper::Response<hyper::body::Incoming>), fastwebsockets::WebSocketError> {
-    let stream = TcpStream::connect(addr).await.expect("tcp connect");
+    connect_from("127.0.0.1", addr, path, headers).await
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (127.0.0.x): the router sees
+/// a different client for each.
+pub async fn tcp_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    socket.connect(addr).await
+}
+
+/// As [`connect_with`], from the loopback address `source`.
+pub async fn connect_from(
+    source: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Client, hyper::Response<hyper::body::Incoming>), fastwebsockets::WebSocketError> {
+    let stream = tcp_from(source, addr).await.expect("tcp connect");
     let mut req = hyper::Request::get(path)
         .header("host", addr.to_string())
         .header("upgrade", "websocket")
@@ -205,6 +253,25 @@ pub fn dead_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// Send a raw HTTP request and return the response head only (for answers that keep the
+/// connection, such as a 101).
+pub async fn raw_head(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    bounded("a response head", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read_u8().await {
+                Ok(byte) => head.push(byte),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&head).to_string()
+}
+
 /// Send a raw HTTP request and return the status line and the full response text.
 pub async fn raw_http(addr: SocketAddr, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -260,6 +327,8 @@ pub enum RawMode {
     Answer(&'static str, &'static [u8]),
     /// Like `Answer`, but one byte per write with a pause between them.
     Dribble(&'static str, &'static [u8]),
+    /// An interim 103 answer, then a valid 101, then a text frame "hello".
+    Interim,
 }
 
 /// The `Sec-WebSocket-Accept` answering the key in a raw request head.
@@ -275,13 +344,23 @@ pub fn accept_for(head: &str) -> String {
     wsrouter::upstream::accept_key(key.as_bytes())
 }
 
-/// A hand-written replica on 127.0.0.1 for behaviour the echo replica cannot show.
+/// A hand-written replica on 127.0.0.1 for behaviour the echo replica cannot show. It answers
+/// `GET /health` with 200 (and closes), so a real HTTP probe finds it healthy.
 pub async fn raw_replica(mode: RawMode) -> SocketAddr {
+    raw_replica_with(move |_| mode).await
+}
+
+/// A [`raw_replica`] that picks its answer per request head.
+pub async fn raw_replica_with(
+    choose: impl Fn(&str) -> RawMode + Send + Sync + 'static,
+) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let choose = Arc::new(choose);
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let choose = choose.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -291,7 +370,17 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let accept = accept_for(&String::from_utf8_lossy(&head));
+                let head = String::from_utf8_lossy(&head).to_string();
+                if head.starts_with("GET /health ") {
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                let mode = choose(&head);
+                let accept = accept_for(&head);
                 match mode {
                     RawMode::Silent => {
                         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -302,6 +391,14 @@ pub async fn raw_replica(mode: RawMode) -> SocketAddr {
                 }
                 let response = match mode {
                     RawMode::Silent | RawMode::Hangup => unreachable!(),
+                    RawMode::Interim => {
+                        let mut answer = format!("HTTP/1.1 103 Early Hints\r\nlink: </x>; rel=preload\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n").into_bytes();
+                        answer.extend_from_slice(b"\x81\x05hello");
+                        if stream.write_all(&answer).await.is_ok() {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        return;
+                    }
                     RawMode::Answer(head, then) => {
                         let mut answer = head.replace("{accept}", &accept).into_bytes();
                         answer.extend_from_slice(then);
@@ -375,10 +472,9 @@ impl wsrouter::health::Probe for AlwaysHealthy {
 
 /// A router whose replicas are all considered healthy by their probe.
 pub async fn start_always_healthy(urls: &[String], extra: &str) -> TestRouter {
-    let text = format!(
-        "[listen]\nhost = \"127.0.0.1\"\nport = 0\n[health_check]\ninterval_seconds = 30\n{extra}\n{}",
-        replicas_toml(urls, true)
-    );
+    let extra = with_table(extra, "listen", "host = \"127.0.0.1\"\nport = 0");
+    let extra = with_table(&extra, "health_check", "interval_seconds = 30");
+    let text = format!("{extra}\n{}", replicas_toml(urls, true));
     let config = Config::parse(&text).unwrap();
     let router = Router::bind_with_probe(config, Arc::new(AlwaysHealthy))
         .await
@@ -467,4 +563,174 @@ pub async fn read_raw_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
         Some((first, payload))
     })
     .await
+}
+
+/// The router binary with a config file of its own, stopped when dropped. Its stderr (the
+/// log) goes to a file that [`RouterProcess::log`] reads. `WSROUTER_BIN` runs another build
+/// instead (to show a test fails on an earlier one).
+pub struct RouterProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl RouterProcess {
+    /// Start `wsrouter --config` with `config` (which must listen on `port`) and wait until it
+    /// answers `/health`. `open_files` sets the process's open-file limit first.
+    pub fn spawn(
+        name: &str,
+        config: &str,
+        port: u16,
+        open_files: Option<u64>,
+    ) -> std::io::Result<RouterProcess> {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("wsrouter-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("router.toml");
+        std::fs::write(&path, config)?;
+        let log = dir.join("router.log");
+        let binary =
+            std::env::var("WSROUTER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_wsrouter").into());
+        let mut command = std::process::Command::new(binary);
+        command
+            .args(["--config", path.to_str().unwrap()])
+            .env("RUST_LOG", "wsrouter=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        if let Some(limit) = open_files {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn()?;
+        Ok(RouterProcess {
+            child,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the router has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait (bounded) until `/status` reports every replica healthy.
+    pub async fn wait_healthy(&self) {
+        let addr = self.addr;
+        bounded("the router's replicas to be healthy", async {
+            loop {
+                if TcpStream::connect(addr).await.is_ok() {
+                    let status = raw_http(addr, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                    let body = status.split("\r\n\r\n").nth(1).unwrap_or("");
+                    if let Ok(json) = serde_json::from_str::<serde_json::Value>(body) {
+                        let replicas = json["replicas"].as_array().cloned().unwrap_or_default();
+                        if !replicas.is_empty() && replicas.iter().all(|r| r["status"] == "healthy")
+                        {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    /// The process's resident memory, in bytes.
+    pub fn rss(&self) -> u64 {
+        rss_bytes(self.pid())
+    }
+
+    /// Wait (bounded) for the process to exit; its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        bounded("the router to exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status.code();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process's resident memory, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    kib * 1024
+}
+
+/// A replica that accepts one upgrade, then hands each chunk it reads to the test; `after_101`
+/// is written right after the 101.
+pub async fn recording_replica(
+    after_101: Vec<u8>,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (chunks, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.unwrap());
+        }
+        let accept = accept_for(&String::from_utf8_lossy(&head));
+        let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
+        stream.write_all(response.as_bytes()).await.unwrap();
+        stream.write_all(&after_101).await.unwrap();
+        if after_101.is_empty() {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || chunks.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        }
+        // With something written after the 101, the replica then dies: the socket drops.
+    });
+    (addr, received)
+}
+
+/// Read from `received` until `len` bytes have come.
+pub async fn receive(
+    received: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    len: usize,
+) -> Vec<u8> {
+    let mut got = Vec::new();
+    bounded("bytes at the replica", async {
+        while got.len() < len {
+            got.extend(received.recv().await.expect("replica connection open"));
+        }
+    })
+    .await;
+    got
 }
