@@ -61,6 +61,7 @@ impl ClientCounts {
         }
     }
 
+    #[cfg(test)]
     fn get(&self, key: ClientKey) -> u32 {
         let shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
         shard.get(&key).copied().unwrap_or(0)
@@ -224,6 +225,7 @@ impl SessionGate {
     }
 
     /// Sessions `client` holds now.
+    #[cfg(test)]
     pub fn held_by(&self, client: ClientKey) -> u32 {
         self.clients.get(client)
     }

@@ -940,6 +940,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_shows_the_defaults() {
+        let shipped = include_str!("../config/router.toml");
+        let replicas = &shipped[shipped.find("[[replicas]]").unwrap()..];
+        assert_eq!(
+            Config::parse(shipped).unwrap(),
+            Config::parse(replicas).unwrap()
+        );
+    }
+
+    #[test]
     fn url_normalised() {
         let c = Config::parse("[[replicas]]\nurl = \"http://localhost/\"\n").unwrap();
         assert_eq!(c.replicas[0].url, "http://localhost:80");

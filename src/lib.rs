@@ -20,7 +20,8 @@
 //! Not the router: [`echo`] is the echo replica used by the demo, the tests and the load
 //! tools.
 
-pub mod admission;
+// Public where a test, bench, fuzz target or the binary needs them; the rest stays inside.
+pub(crate) mod admission;
 pub mod balance;
 pub mod client;
 pub mod close;
@@ -30,19 +31,19 @@ pub mod health;
 pub mod http;
 pub mod log;
 pub mod metrics;
-pub mod net;
-pub mod process;
+pub(crate) mod net;
+pub(crate) mod process;
 pub mod registry;
 pub mod relay;
 pub mod reload;
-pub mod server;
-pub mod session;
+pub(crate) mod server;
+pub(crate) mod session;
 pub mod upstream;
 
 pub mod echo;
 
 pub use config::Config;
-pub use reload::Reloader;
+pub use reload::{Reload, Reloader};
 pub use server::{Drain, Router, StartError};
 
 /// The commit this build was made from (`git rev-parse`, "-dirty" for uncommitted changes).

@@ -5,8 +5,6 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-
 /// TCP keepalive on every session socket: a peer that vanished without a FIN (power loss, a
 /// dropped NAT mapping) is found by the kernel after about 60 s + 5 x 10 s of silence, even
 /// when the WebSocket keepalive is turned off.
@@ -15,14 +13,16 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_RETRIES: u32 = 5;
 
 /// Set up a session socket: no Nagle delay (frames are coalesced by the router), and TCP
-/// keepalive.
-pub fn prepare_socket(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+/// keepalive. On a listening socket it is done once for all: Linux copies these options to
+/// every connection it accepts.
+pub fn prepare_socket<S: std::os::fd::AsFd>(socket: &S) -> io::Result<()> {
+    let socket = socket2::SockRef::from(socket);
+    socket.set_tcp_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    socket.set_tcp_keepalive(&keepalive)
 }
 
 /// Whether `error` is the router running short of something of its own: descriptors
@@ -89,6 +89,7 @@ pub fn open_descriptors() -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[test]
     fn shortages_are_told_from_peer_failures() {

@@ -275,6 +275,8 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Every accepted connection inherits these: no system calls for them per connection.
+    crate::net::prepare_socket(&socket)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)?.into_std()
 }

@@ -6,25 +6,24 @@ mod reader;
 mod utf8;
 mod writer;
 
-pub use reader::{is_mask_violation, FrameReader, Head, StreamedHead, Taken, STREAM_BYTES};
-pub use utf8::Utf8Stream;
+pub(crate) use reader::{is_mask_violation, FrameReader, Head, StreamedHead};
 pub use writer::FrameWriter;
 
 /// A fresh, unpredictable mask key, as RFC 6455 5.3 asks of every client frame.
-pub fn fresh_mask() -> [u8; 4] {
+pub(crate) fn fresh_mask() -> [u8; 4] {
     rand::random()
 }
 
 /// XOR `payload` with `key`, starting `phase` bytes into the key (a payload handled in pieces
 /// keeps its place in the key from one piece to the next).
-pub fn apply_mask(payload: &mut [u8], key: [u8; 4], phase: usize) {
+pub(crate) fn apply_mask(payload: &mut [u8], key: [u8; 4], phase: usize) {
     let key = u32::from_le_bytes(key).rotate_right(8 * (phase % 4) as u32);
     fastwebsockets::unmask(payload, key.to_le_bytes());
 }
 
 /// Move a payload masked under `old` to `new` in one pass (XOR with `old ^ new`), never
 /// exposing the plaintext and never touching the bytes twice.
-pub fn rekey(payload: &mut [u8], old: [u8; 4], new: [u8; 4], phase: usize) {
+pub(crate) fn rekey(payload: &mut [u8], old: [u8; 4], new: [u8; 4], phase: usize) {
     let both = u32::from_ne_bytes(old) ^ u32::from_ne_bytes(new);
     apply_mask(payload, both.to_ne_bytes(), phase);
 }

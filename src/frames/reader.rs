@@ -6,7 +6,7 @@
 //! split off a `BytesMut` (an allocation per frame), and it reserves a frame's claimed length
 //! before the bytes arrive. Here bytes read stay in the reader until they form a whole frame,
 //! so a waiting read can be dropped at any time; the buffer is freed whenever it holds no
-//! partial frame; it grows only as bytes arrive (at most doubling what a peer has sent); and
+//! partial frame; it grows only as bytes arrive (to at most 8 times what a peer has sent); and
 //! large frames of every data kind are streamed, never held whole.
 //!
 //! Checks: reserved bits, opcode, fragmented control frames, control frames over 125 bytes,
@@ -79,10 +79,6 @@ impl Head {
 
     pub fn payload_len(&self) -> usize {
         self.payload_len
-    }
-
-    pub fn opcode(&self) -> OpCode {
-        self.opcode
     }
 }
 
@@ -371,8 +367,9 @@ impl FrameReader {
         Poll::Ready(Ok(()))
     }
 
-    /// The next frame, whole, for readers that do not stream. A frame that would be streamed
+    /// The next frame, whole, for readers that do not stream (tests). A frame that would be streamed
     /// fails with [`WebSocketError::FrameTooLarge`]: use [`FrameReader::poll_frame`].
+    #[cfg(test)]
     pub async fn read_frame<R: AsyncRead + Unpin>(
         &mut self,
         source: &mut R,
@@ -443,26 +440,32 @@ impl FrameReader {
     }
 
     /// Room for the next read, towards a frame of `frame_len` bytes (`None`: its header is not
-    /// in yet). The buffer grows only as bytes arrive: to at most twice what it holds (a read's
-    /// worth at least), never past the frame, so a peer that claims a large frame and sends
-    /// little of it makes the router hold little.
+    /// in yet). The buffer grows only when a read has filled it, and then to at most
+    /// [`GROWTH`] times what it holds (plus a header), never past the frame: a peer that
+    /// claims a large frame and sends little of it makes the router hold little, while a
+    /// 64 KiB frame behind a full first read grows the buffer once, straight to its size.
     fn make_room(&mut self, frame_len: Option<usize>) {
         if self.start > 0 {
-            // What is left is a partial frame: small, or growing by doubling.
+            // What is left is a partial frame: small, or growing as above.
             self.buf.drain(..self.start);
             self.start = 0;
         }
         let held = self.buf.len();
-        let target = match frame_len {
-            None => READ_BYTES,
-            Some(len) => len.min(2 * held).max(READ_BYTES),
-        };
-        if self.buf.capacity() >= target && self.buf.capacity() > held {
+        if self.buf.capacity() > held {
             return;
         }
-        self.buf.reserve_exact(target.max(held + 1) - held);
+        let target = match frame_len {
+            None => READ_BYTES.max(2 * held),
+            Some(len) => len.min(GROWTH * held + MAX_HEAD_BYTES).max(READ_BYTES),
+        };
+        self.buf.reserve_exact(target - held);
     }
 }
+
+/// How many times what it holds a full read buffer may grow to (see `make_room`).
+const GROWTH: usize = 8;
+/// The longest frame header: 2 bytes, 8 of length, 4 of mask.
+const MAX_HEAD_BYTES: usize = 14;
 
 fn is_data(opcode: OpCode) -> bool {
     matches!(opcode, OpCode::Binary | OpCode::Text | OpCode::Continuation)

@@ -62,11 +62,6 @@ impl Utf8Stream {
             Err(_) => false,
         }
     }
-
-    /// Whether a code point is left open (the message may not end here).
-    pub fn is_open(&self) -> bool {
-        self.carry_len > 0
-    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,7 @@ pub fn upstream_request(
     request_id: RequestId,
     trusted: &[Cidr],
 ) -> UpstreamRequest {
+    use std::io::Write;
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -74,49 +75,41 @@ pub fn upstream_request(
         .filter(|p| p.starts_with('/'))
         .unwrap_or("/")
         .to_string();
+    let mut request = UpstreamRequest::new(path_and_query);
     let named = named_in_connection(&parts.headers);
-    let mut headers: Vec<(HeaderName, HeaderValue)> = parts
-        .headers
-        .iter()
-        .filter(|(name, _)| !is_dropped(name) && !named.contains(name))
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect();
+    for (name, value) in &parts.headers {
+        if !is_dropped(name) && !named.contains(name) {
+            request.push(name, value);
+        }
+    }
     let from_trusted_proxy = is_trusted(peer, trusted);
     let kept = |name: &str| -> Option<&HeaderValue> {
         from_trusted_proxy
             .then(|| parts.headers.get(name))
             .flatten()
     };
-    let peer_text = peer.to_string();
-    let forwarded_for = match kept("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {peer_text}"),
-        None => peer_text,
-    };
-    let mut add = |name: &'static str, value: HeaderValue| {
-        headers.push((HeaderName::from_static(name), value));
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        add("x-forwarded-for", value);
-    }
-    add(
-        "x-forwarded-proto",
-        kept("x-forwarded-proto")
-            .cloned()
-            .unwrap_or(HeaderValue::from_static("http")),
-    );
+    let prior = kept("x-forwarded-for").and_then(|v| v.to_str().ok());
+    request.push_with("x-forwarded-for", |out| {
+        if let Some(prior) = prior {
+            out.extend_from_slice(prior.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        let _ = write!(out, "{peer}");
+    });
+    let proto = kept("x-forwarded-proto").map_or(&b"http"[..], |v| v.as_bytes());
+    request.push_with("x-forwarded-proto", |out| out.extend_from_slice(proto));
     if let Some(host) = kept("x-forwarded-host").or_else(|| parts.headers.get(header::HOST)) {
-        add("x-forwarded-host", host.clone());
+        request.push_with("x-forwarded-host", |out| {
+            out.extend_from_slice(host.as_bytes())
+        });
     }
-    if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
-        add("x-real-ip", value);
-    }
-    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
-        add("x-request-id", value);
-    }
-    UpstreamRequest {
-        path_and_query,
-        headers,
-    }
+    request.push_with("x-real-ip", |out| {
+        let _ = write!(out, "{client}");
+    });
+    request.push_with("x-request-id", |out| {
+        let _ = write!(out, "{request_id}");
+    });
+    request
 }
 
 #[cfg(test)]
@@ -133,10 +126,9 @@ mod tests {
 
     fn sent(request: &UpstreamRequest, name: &str) -> Vec<String> {
         request
-            .headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.to_str().unwrap().to_string())
+            .headers()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
             .collect()
     }
 
@@ -158,7 +150,7 @@ mod tests {
         ]);
         let peer: IpAddr = "203.0.113.5".parse().unwrap();
         let request = upstream_request(&p, peer, peer, RequestId(7), &[]);
-        assert_eq!(request.path_and_query, "/v1/stream?token=abc");
+        assert_eq!(request.path_and_query(), "/v1/stream?token=abc");
         assert_eq!(sent(&request, "x-forwarded-for"), ["203.0.113.5"]);
         assert_eq!(sent(&request, "x-forwarded-proto"), ["http"]);
         assert_eq!(sent(&request, "x-forwarded-host"), ["router.example"]);

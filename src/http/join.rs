@@ -228,7 +228,7 @@ impl Join {
     }
 }
 
-impl tower::Service<Admission> for Join {
+impl tower::Service<Box<Admission>> for Join {
     type Response = Admitted;
     type Error = Refusal;
     type Future = Pin<Box<dyn Future<Output = Result<Admitted, Refusal>> + Send>>;
@@ -237,14 +237,14 @@ impl tower::Service<Admission> for Join {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, admission: Admission) -> Self::Future {
+    fn call(&mut self, admission: Box<Admission>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { this.join(admission).await })
     }
 }
 
 impl Join {
-    async fn join(self, mut admission: Admission) -> Result<Admitted, Refusal> {
+    async fn join(self, mut admission: Box<Admission>) -> Result<Admitted, Refusal> {
         let settings = self.settings.load_full();
         let client = &admission.client;
         let request = Arc::new(forwarding::upstream_request(

@@ -38,7 +38,8 @@ pub struct ClientInfo {
     pub connection: Arc<ConnectionGuard>,
 }
 
-/// An upgrade request on its way through the admission layers.
+/// An upgrade request on its way through the admission layers (boxed as it goes: each layer
+/// passes it on, and a box moves in one word).
 pub struct Admission {
     pub parts: Parts,
     pub client: ClientInfo,
@@ -77,9 +78,9 @@ impl<S, C: Clone> tower::Layer<S> for CheckLayer<C> {
     }
 }
 
-impl<S, C> tower::Service<Admission> for Checked<S, C>
+impl<S, C> tower::Service<Box<Admission>> for Checked<S, C>
 where
-    S: tower::Service<Admission, Error = Refusal>,
+    S: tower::Service<Box<Admission>, Error = Refusal>,
     C: Check,
 {
     type Response = S::Response;
@@ -90,7 +91,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut admission: Admission) -> Self::Future {
+    fn call(&mut self, mut admission: Box<Admission>) -> Self::Future {
         match self.check.check(&mut admission) {
             Ok(()) => Either::Right(self.inner.call(admission)),
             Err(refusal) => Either::Left(std::future::ready(Err(refusal))),

@@ -25,16 +25,12 @@ mod respond;
 mod routes;
 
 pub use forwarding::upstream_request;
-pub use join::{race, Joined, RaceSettings};
-pub use layers::{
-    check_upgrade, Candidates, ClientInfo, DrainGateLayer, HandshakeRefusal, RequestIdLayer,
-    SelectLayer, SessionPermitLayer, UpgradeCheckLayer,
-};
-pub use respond::{Admitted, Refusal};
+pub(crate) use join::RaceSettings;
+pub use layers::{check_upgrade, HandshakeRefusal};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -51,13 +47,13 @@ use crate::registry::Registry;
 use crate::relay::{Keepalive, SessionLimits};
 use crate::session::{SessionContext, SessionSettings};
 
-pub type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 /// Largest request head (request line plus headers) accepted; beyond it, 431.
 const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
 
 /// The reloadable part of the HTTP side's configuration.
-pub struct HttpSettings {
+pub(crate) struct HttpSettings {
     pub stream_path: String,
     pub trusted_proxies: Vec<Cidr>,
     pub header_read_timeout: Duration,
@@ -100,7 +96,7 @@ fn session_settings(config: &Config) -> SessionSettings {
 
 /// Which endpoints a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoints {
+pub(crate) enum Endpoints {
     /// The stream path, /health and /ready; /status and /metrics too when `admin` is false.
     Public { admin: bool },
     /// /status, /metrics, /health and /ready only.
@@ -108,7 +104,7 @@ pub enum Endpoints {
 }
 
 /// What the HTTP side shares across connections and workers.
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub registry: Arc<Registry>,
     pub settings: Arc<ArcSwap<HttpSettings>>,
     pub sessions: Arc<SessionGate>,
@@ -119,7 +115,6 @@ pub struct Proxy {
     pub public_admin: bool,
     /// Open connections and their limit, for /status and /metrics.
     pub connections: Arc<crate::admission::ConnectionGate>,
-    pub started: Instant,
 }
 
 impl Proxy {
@@ -144,7 +139,6 @@ impl Proxy {
             shutdown,
             public_admin: config.admin.is_none(),
             connections,
-            started: Instant::now(),
         }
     }
 
@@ -175,9 +169,7 @@ impl Proxy {
         endpoints: Endpoints,
         guard: ConnectionGuard,
     ) {
-        if let Err(error) = crate::net::prepare_socket(&stream) {
-            tracing::debug!(%peer, %error, "cannot set up the client socket");
-        }
+        // No Nagle and TCP keepalive: inherited from the listener (see `server::listen`).
         let header_read_timeout = self.settings.load().header_read_timeout;
         let service = routes::stack(self.clone(), peer, endpoints, Arc::new(guard));
         let result = hyper::server::conn::http1::Builder::new()

@@ -129,7 +129,10 @@ impl<S> OpenSession<S> {
 
 impl<S, B> tower::Service<Request<B>> for OpenSession<S>
 where
-    S: tower::Service<Admission, Response = Admitted, Error = Refusal> + Clone + Send + 'static,
+    S: tower::Service<Box<Admission>, Response = Admitted, Error = Refusal>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
     B: Send + 'static,
 {
@@ -167,12 +170,12 @@ where
             }
         };
         let key = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned();
-        let admission = Admission {
+        let admission = Box::new(Admission {
             parts,
             client: client.clone(),
             permit: None,
             candidates: Vec::new(),
-        };
+        });
         let (inner, proxy) = (self.inner.clone(), self.proxy.clone());
         Box::pin(async move {
             let accept = || {

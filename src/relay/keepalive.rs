@@ -35,7 +35,11 @@ pub(super) enum Look {
 /// A session's keepalive bookkeeping ([`Keepalive::watch`]).
 pub struct Watch {
     config: Keepalive,
-    pub(super) ticks: tokio::time::Interval,
+    /// The next look; `timer` fires then (boxed: a timer is 100 bytes).
+    due: Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The timer was polled for `due` and will wake the session when it fires.
+    armed: bool,
     forwarded_at: Instant,
     /// Indexed by the direction of the pump that reads the side: [client, replica].
     sides: [Liveness; 2],
@@ -51,16 +55,16 @@ impl Keepalive {
 
 impl Watch {
     fn new(config: Keepalive, now: Instant) -> Option<Box<Watch>> {
-        let period = Watch::period(&config)?;
-        let mut ticks = tokio::time::interval_at(now + period, period);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let due = now + Watch::period(&config)?;
         let side = || Liveness {
             heard_at: now,
             pinged_at: None,
         };
         Some(Box::new(Watch {
             config,
-            ticks,
+            due,
+            timer: Box::pin(tokio::time::sleep_until(due)),
+            armed: false,
             forwarded_at: now,
             sides: [side(), side()],
         }))
@@ -74,6 +78,25 @@ impl Watch {
             (p, i) => p.or(i),
         }
         .map(|t| t.max(Duration::from_millis(10)))
+    }
+
+    /// Ready when it is time to look. An armed timer wakes the session when it fires, so until
+    /// `due` it is not polled again: the session is woken for every read and write, and a
+    /// trip through tokio's timer on each would cost about a tenth of a small message's CPU.
+    fn poll_due(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.armed && Instant::now() < self.due {
+            return std::task::Poll::Pending;
+        }
+        if std::future::Future::poll(self.timer.as_mut(), cx).is_pending() {
+            self.armed = true;
+            return std::task::Poll::Pending;
+        }
+        // A late look delays the next one rather than bunching them up.
+        let period = Watch::period(&self.config).expect("a watch has a period");
+        self.due = Instant::now() + period;
+        self.timer.as_mut().reset(self.due);
+        self.armed = false;
+        std::task::Poll::Ready(())
     }
 
     /// Take in what the pumps heard since the last look, then decide.
@@ -125,13 +148,10 @@ impl Watch {
     }
 }
 
-/// The next keepalive tick; never, without keepalive.
-pub(super) async fn tick(watch: &mut Option<Box<Watch>>) -> &mut Watch {
-    match watch {
-        Some(watch) => {
-            watch.ticks.tick().await;
-            watch
-        }
-        None => std::future::pending().await,
-    }
+/// The next keepalive look; never, without keepalive.
+pub(super) fn tick(watch: &mut Option<Box<Watch>>) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match watch {
+        Some(watch) => watch.poll_due(cx),
+        None => std::task::Poll::Pending,
+    })
 }

@@ -8,13 +8,10 @@ mod orders;
 mod pump;
 mod stream;
 
-pub use closing::{close_frame, drain_until_close, write_order};
-pub use keepalive::{Keepalive, Watch};
+pub(crate) use closing::{drain_until_close, write_order};
+pub(crate) use keepalive::{Keepalive, Watch};
 pub use orders::{CloseOrder, Inbox, Order};
-pub use pump::{
-    close_code_for, heard, pump, Direction, Link, PumpEnd, PumpOutcome, PumpState, Source,
-    KEEPALIVE_PAYLOAD,
-};
+pub use pump::{pump, Direction, Link, PumpEnd, PumpOutcome, PumpState, Source};
 
 use std::future::Future;
 use std::sync::atomic::AtomicU8;
@@ -38,7 +35,7 @@ pub struct SessionLimits {
 
 /// How a whole session ended.
 #[derive(Debug)]
-pub struct SessionEnd {
+pub(crate) struct SessionEnd {
     pub reason: CloseReason,
     /// The close code on the client's connection: the one it sent first, or was sent.
     pub client_code: Option<u16>,
@@ -73,7 +70,7 @@ impl SessionEnd {
 /// A plain fn around an async block: an async fn would keep its arguments twice, and every
 /// open session holds this future.
 #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
-pub fn bridge<'a, CS, CW, US, UW>(
+pub(crate) fn bridge<'a, CS, CW, US, UW>(
     client_read: &'a mut CS,
     client_write: &'a mut FrameWriter<CW>,
     upstream_read: &'a mut US,
@@ -177,7 +174,8 @@ where
                     return ended(reason, upstream, outcome);
                 }
                 reason = &mut stop => break reason,
-                watch = tick(&mut watch) => {
+                () = tick(&mut watch) => {
+                    let watch = watch.as_mut().expect("only a watch ticks");
                     match watch.look([&heard_from_client, &heard_from_upstream], Instant::now()) {
                         Look::Ping(pings) => for pump in pings {
                             let inbox = match pump {

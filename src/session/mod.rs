@@ -5,8 +5,6 @@
 
 mod socket;
 
-pub use socket::Prefixed;
-
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -61,8 +59,13 @@ pub struct Session {
     /// Boxed: only the access log reads it, and every open session holds this struct.
     pub peer: Box<Peer>,
     pub replica: Arc<Replica>,
+    // Held for what their drop gives back: the replica's slot, the session permit and the
+    // client connection's place under the connection limits.
+    #[allow(dead_code)]
     pub slot: SessionGuard,
+    #[allow(dead_code)]
     pub permit: Option<SessionPermit>,
+    #[allow(dead_code)]
     pub connection: Arc<ConnectionGuard>,
 }
 

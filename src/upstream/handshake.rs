@@ -39,47 +39,79 @@ pub fn has_token<'a>(
 
 /// The upgrade request a session sends to whichever replica it joins, prepared once: the
 /// client's path and query and the headers chosen to go on (see the http side's forwarding
-/// rules). Host and the handshake's own headers are added per replica.
-#[derive(Debug, Clone)]
+/// rules), already rendered as request-head lines. Host and the handshake's own headers are
+/// added per replica.
+#[derive(Debug, Clone, Default)]
 pub struct UpstreamRequest {
-    pub path_and_query: String,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    path_and_query: String,
+    /// `name: value\r\n` lines.
+    lines: Vec<u8>,
+    /// The subprotocols the client offered (its Sec-WebSocket-Protocol values).
+    offered_protocols: Vec<HeaderValue>,
 }
 
 impl UpstreamRequest {
-    /// The request head for `replica`, with the handshake `key`, as bytes. Names, values and
-    /// the path were validated by hyper when the client's request was parsed, so none can
-    /// break the framing.
+    pub fn new(path_and_query: String) -> UpstreamRequest {
+        UpstreamRequest {
+            path_and_query,
+            lines: Vec::with_capacity(512),
+            offered_protocols: Vec::new(),
+        }
+    }
+
+    /// Add a header line. Names and values were validated by hyper when the client's request
+    /// was parsed (or are the router's own), so none can break the framing.
+    pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == header::SEC_WEBSOCKET_PROTOCOL {
+            self.offered_protocols.push(value.clone());
+        }
+        self.push_line(name.as_str(), value.as_bytes());
+    }
+
+    /// Add a header line whose value is written by `value` (no allocation on the way).
+    pub fn push_with(&mut self, name: &str, value: impl FnOnce(&mut Vec<u8>)) {
+        self.lines.extend_from_slice(name.as_bytes());
+        self.lines.extend_from_slice(b": ");
+        value(&mut self.lines);
+        self.lines.extend_from_slice(b"\r\n");
+    }
+
+    fn push_line(&mut self, name: &str, value: &[u8]) {
+        self.push_with(name, |out| out.extend_from_slice(value));
+    }
+
+    pub fn path_and_query(&self) -> &str {
+        &self.path_and_query
+    }
+
+    /// The headers that go on, as (name, value) pairs.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        std::str::from_utf8(&self.lines)
+            .unwrap_or("")
+            .split_terminator("\r\n")
+            .filter_map(|line| line.split_once(": "))
+    }
+
+    /// The request head for `replica`, with the handshake `key`, as bytes.
     pub fn head(&self, replica: &Replica, key: &str) -> Vec<u8> {
-        let mut head = Vec::with_capacity(512);
+        let mut head = Vec::with_capacity(192 + self.path_and_query.len() + self.lines.len());
         head.extend_from_slice(b"GET ");
         head.extend_from_slice(self.path_and_query.as_bytes());
-        head.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut line = |name: &[u8], value: &[u8]| {
-            head.extend_from_slice(name);
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value);
-            head.extend_from_slice(b"\r\n");
-        };
-        line(b"host", replica.authority.as_bytes());
-        line(b"connection", b"Upgrade");
-        line(b"upgrade", b"websocket");
-        line(b"sec-websocket-version", b"13");
-        line(b"sec-websocket-key", key.as_bytes());
-        for (name, value) in &self.headers {
-            line(name.as_str().as_bytes(), value.as_bytes());
-        }
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(replica.authority.as_bytes());
+        head.extend_from_slice(
+            b"\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: ",
+        );
+        head.extend_from_slice(key.as_bytes());
+        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(&self.lines);
         head.extend_from_slice(b"\r\n");
         head
     }
 
-    /// The subprotocols the client offered.
+    /// Whether the client offered the subprotocol `chosen`.
     fn offers_protocol(&self, chosen: &str) -> bool {
-        let offered = self
-            .headers
-            .iter()
-            .filter(|(name, _)| name == header::SEC_WEBSOCKET_PROTOCOL)
-            .map(|(_, value)| value.as_bytes());
+        let offered = self.offered_protocols.iter().map(|value| value.as_bytes());
         has_token(offered, |p| p == chosen)
     }
 }
