@@ -511,10 +511,40 @@ async fn idle(
             }
         }
     }
+    // Hold: every session answers the proxy's keepalive pings, as a browser would (reading
+    // makes fastwebsockets answer them), until it is time to check it.
+    let (check_tx, check_rx) = tokio::sync::watch::channel(false);
+    let holders: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            let mut check = check_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        frame = ws.read_frame() => match frame {
+                            Ok(f) if f.opcode != OpCode::Close => {}
+                            _ => return (ws, false),
+                        },
+                        _ = check.wait_for(|now| *now) => return (ws, true),
+                    }
+                }
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs_f64(hold)).await;
     let during = total_rss(&pids);
-    // Every session must still be alive: one echo each.
+    let _ = check_tx.send(true);
+    let held = holders.len();
+    let mut clients = Vec::with_capacity(held);
     let mut dead = 0u64;
+    for holder in holders {
+        match holder.await {
+            Ok((ws, true)) => clients.push(ws),
+            // Closed or failed during the hold.
+            Ok((_, false)) | Err(_) => dead += 1,
+        }
+    }
+    // Every session must still be alive: one echo each.
     for ws in clients.iter_mut() {
         let alive = async {
             ws.write_frame(Frame::binary(Payload::Borrowed(b"are you there")))
@@ -536,7 +566,6 @@ async fn idle(
             dead += 1;
         }
     }
-    let held = clients.len();
     for ws in clients {
         close(ws).await;
     }
