@@ -6,9 +6,13 @@
 //! key at fault when a rule fails. Nothing that passes here can panic later: every duration and
 //! size has an upper bound.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::tls::{TlsError, UpstreamTls};
 
 /// Why a config was rejected. The message always names the key (or file) at fault, on one line.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,8 @@ pub struct Config {
     pub limits: Limits,
     pub balance: Balance,
     pub sessions: Sessions,
+    /// TLS to `https://` replicas, unless a replica says otherwise.
+    pub upstream_tls: UpstreamTls,
     pub replicas: Vec<Replica>,
 }
 
@@ -61,6 +67,39 @@ pub struct Listen {
     pub stream_path: String,
     /// Front proxies whose X-Forwarded-For / X-Forwarded-Proto are believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// TLS for clients (`wss://`), when set.
+    pub tls: Option<ListenTls>,
+}
+
+/// The listener's certificate: the files, and the TLS settings built from them at load.
+#[derive(Debug, Clone)]
+pub struct ListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+/// Equal when the files are: their contents are watched separately.
+impl PartialEq for ListenTls {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.cert_file, &self.key_file) == (&other.cert_file, &other.key_file)
+    }
+}
+
+/// How the router speaks TLS to an `https://` replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaTls {
+    pub settings: UpstreamTls,
+    /// Verified against, and sent as SNI: the url's host.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    /// Shared by the replicas with the same settings (and their resumption cache).
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for ReplicaTls {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.settings, &self.server_name) == (&other.settings, &other.server_name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -159,10 +198,12 @@ pub struct Sessions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Replica {
     pub name: String,
-    /// Normalised: `http://host:port`, no trailing "/".
+    /// Normalised: `http://host:port` or `https://host:port`, no trailing "/".
     pub url: String,
     /// `host:port`, for connecting and for the Host header.
     pub authority: String,
+    /// For `https://` replicas.
+    pub tls: Option<ReplicaTls>,
     pub primary: bool,
     pub weight: f64,
     /// Capacity; `None` means no limit.
@@ -269,6 +310,8 @@ mod bounds {
 
 /// The TOML file as written: every key optional except a replica's url.
 pub mod file {
+    use std::path::PathBuf;
+
     use serde::Deserialize;
 
     use super::{defaults, LogFormat, Policy, StickyKey};
@@ -290,6 +333,8 @@ pub mod file {
         #[serde(default)]
         pub sessions: Sessions,
         #[serde(default)]
+        pub upstream_tls: UpstreamTls,
+        #[serde(default)]
         pub replicas: Vec<Replica>,
     }
 
@@ -301,6 +346,34 @@ pub mod file {
         pub workers: Option<usize>,
         pub stream_path: String,
         pub trusted_proxies: Vec<String>,
+        pub tls: Option<ListenTls>,
+    }
+
+    impl File {
+        /// Make relative file paths relative to `dir`.
+        pub fn resolve_paths(&mut self, dir: &std::path::Path) {
+            let resolve = |path: &mut PathBuf| {
+                if path.is_relative() {
+                    *path = dir.join(&*path);
+                }
+            };
+            if let Some(tls) = &mut self.listen.tls {
+                resolve(&mut tls.cert_file);
+                resolve(&mut tls.key_file);
+            }
+            let tables = std::iter::once(&mut self.upstream_tls)
+                .chain(self.replicas.iter_mut().filter_map(|r| r.tls.as_mut()));
+            for tls in tables {
+                [
+                    &mut tls.ca_file,
+                    &mut tls.client_cert_file,
+                    &mut tls.client_key_file,
+                ]
+                .into_iter()
+                .flatten()
+                .for_each(resolve);
+            }
+        }
     }
 
     impl Default for Listen {
@@ -311,8 +384,24 @@ pub mod file {
                 workers: None,
                 stream_path: defaults::STREAM_PATH.into(),
                 trusted_proxies: Vec::new(),
+                tls: None,
             }
         }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ListenTls {
+        pub cert_file: PathBuf,
+        pub key_file: PathBuf,
+    }
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct UpstreamTls {
+        pub ca_file: Option<PathBuf>,
+        pub client_cert_file: Option<PathBuf>,
+        pub client_key_file: Option<PathBuf>,
     }
 
     #[derive(Debug, Clone, Deserialize)]
@@ -431,6 +520,9 @@ pub mod file {
         pub weight: f64,
         #[serde(default)]
         pub max_sessions: Option<usize>,
+        /// Overrides `[upstream_tls]` for this replica (https:// only).
+        #[serde(default)]
+        pub tls: Option<UpstreamTls>,
     }
 
     fn default_weight() -> f64 {
@@ -442,18 +534,60 @@ pub mod file {
 pub const RESERVED_PATHS: [&str; 4] = ["/health", "/ready", "/status", "/metrics"];
 
 impl Config {
-    /// Read, parse and validate a config file.
+    /// Read, parse and validate a config file. Relative TLS file paths in it are relative to
+    /// the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text)
+        let mut file = Config::parse_file(&text)?;
+        if let Some(dir) = path.parent() {
+            file.resolve_paths(dir);
+        }
+        Config::from_file(file)
     }
 
-    /// Parse and validate TOML text.
+    /// Parse and validate TOML text (relative paths are relative to the working directory).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let file: file::File = toml::from_str(text).map_err(|e| {
+        Config::from_file(Config::parse_file(text)?)
+    }
+
+    /// Every TLS file (certificate, key, CA) that the config text at `path` names, valid or
+    /// not, for the reload watch: a renewed certificate is a reason to reload, and so is a
+    /// missing file appearing.
+    pub fn tls_files_named(path: &Path, text: &[u8]) -> Vec<PathBuf> {
+        let Some(mut file) = std::str::from_utf8(text)
+            .ok()
+            .and_then(|text| Config::parse_file(text).ok())
+        else {
+            return Vec::new();
+        };
+        if let Some(dir) = path.parent() {
+            file.resolve_paths(dir);
+        }
+        let mut files = Vec::new();
+        if let Some(tls) = &file.listen.tls {
+            files.push(tls.cert_file.clone());
+            files.push(tls.key_file.clone());
+        }
+        let tables = std::iter::once(&file.upstream_tls)
+            .chain(file.replicas.iter().filter_map(|r| r.tls.as_ref()));
+        for tls in tables {
+            files.extend(
+                [&tls.ca_file, &tls.client_cert_file, &tls.client_key_file]
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    fn parse_file(text: &str) -> Result<file::File, ConfigError> {
+        toml::from_str(text).map_err(|e| {
             // toml's message spans several lines (a source excerpt): one line per log event.
             let text = e.to_string();
             let lines: Vec<&str> = text
@@ -462,8 +596,7 @@ impl Config {
                 .filter(|l| !l.is_empty())
                 .collect();
             ConfigError::Parse(lines.join(" | "))
-        })?;
-        Config::from_file(file)
+        })
     }
 
     fn from_file(file: file::File) -> Result<Config, ConfigError> {
@@ -477,7 +610,8 @@ impl Config {
             limits: limits(&file.limits)?,
             balance: balance(file.balance)?,
             sessions: sessions(&file.sessions)?,
-            replicas: replicas(&file.replicas)?,
+            upstream_tls: upstream_tls(&file.upstream_tls, None, "upstream_tls")?,
+            replicas: replicas(&file.replicas, &file.upstream_tls)?,
         })
     }
 
@@ -525,12 +659,92 @@ fn listen(file: &file::Listen) -> Result<Listen, ConfigError> {
                 .map_err(|reason| invalid(format!("listen.trusted_proxies[{i}]"), reason))
         })
         .collect::<Result<_, _>>()?;
+    let tls = file.tls.as_ref().map(listen_tls).transpose()?;
     Ok(Listen {
         addr: SocketAddr::new(ip, file.port),
         workers: file.workers,
         stream_path: path.clone(),
         trusted_proxies,
+        tls,
     })
+}
+
+/// Load and check the listener's certificate and key, naming the key at fault.
+fn listen_tls(file: &file::ListenTls) -> Result<ListenTls, ConfigError> {
+    let config = crate::tls::server_config(&file.cert_file, &file.key_file).map_err(|e| {
+        let key = match &e {
+            TlsError::NoKey { .. } | TlsError::KeyMismatch { .. } => "listen.tls.key_file",
+            TlsError::Read { path, .. } | TlsError::Invalid { path, .. }
+                if *path == file.key_file =>
+            {
+                "listen.tls.key_file"
+            }
+            _ => "listen.tls.cert_file",
+        };
+        invalid(key, e.to_string())
+    })?;
+    Ok(ListenTls {
+        cert_file: file.cert_file.clone(),
+        key_file: file.key_file.clone(),
+        config,
+    })
+}
+
+/// TLS settings for replicas: `file`'s keys over `base`'s; checked (the files load).
+fn upstream_tls(
+    file: &file::UpstreamTls,
+    base: Option<&file::UpstreamTls>,
+    table: &str,
+) -> Result<UpstreamTls, ConfigError> {
+    let pick = |own: &Option<PathBuf>, inherited: Option<&Option<PathBuf>>| {
+        own.clone().or_else(|| inherited.cloned().flatten())
+    };
+    let ca_file = pick(&file.ca_file, base.map(|b| &b.ca_file));
+    let (cert, key) = if file.client_cert_file.is_some() || file.client_key_file.is_some() {
+        (file.client_cert_file.clone(), file.client_key_file.clone())
+    } else {
+        (
+            base.and_then(|b| b.client_cert_file.clone()),
+            base.and_then(|b| b.client_key_file.clone()),
+        )
+    };
+    let client_cert = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{table}.client_key_file"),
+                "client_cert_file needs client_key_file",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{table}.client_cert_file"),
+                "client_key_file needs client_cert_file",
+            ))
+        }
+    };
+    let settings = UpstreamTls {
+        ca_file,
+        client_cert,
+    };
+    if let Some(path) = &settings.ca_file {
+        crate::tls::load_certs(path)
+            .map_err(|e| invalid(format!("{table}.ca_file"), e.to_string()))?;
+    }
+    if let Some((cert, key)) = &settings.client_cert {
+        crate::tls::load_certified_key(cert, key).map_err(|e| {
+            let field = match &e {
+                TlsError::NoKey { .. } | TlsError::KeyMismatch { .. } => "client_key_file",
+                TlsError::Read { path, .. } | TlsError::Invalid { path, .. } if path == key => {
+                    "client_key_file"
+                }
+                _ => "client_cert_file",
+            };
+            invalid(format!("{table}.{field}"), e.to_string())
+        })?;
+    }
+    Ok(settings)
 }
 
 fn admin(file: Option<&file::Admin>, listen: &file::Listen) -> Result<Option<Admin>, ConfigError> {
@@ -737,7 +951,12 @@ fn sessions(file: &file::Sessions) -> Result<Sessions, ConfigError> {
     })
 }
 
-fn replicas(file: &[file::Replica]) -> Result<Vec<Replica>, ConfigError> {
+fn replicas(
+    file: &[file::Replica],
+    base_tls: &file::UpstreamTls,
+) -> Result<Vec<Replica>, ConfigError> {
+    // Replicas with the same settings share one client config (and its resumption cache).
+    let mut client_configs: HashMap<UpstreamTls, Arc<rustls::ClientConfig>> = HashMap::new();
     if file.is_empty() {
         return Err(invalid(
             "replicas",
@@ -797,10 +1016,41 @@ fn replicas(file: &[file::Replica]) -> Result<Vec<Replica>, ConfigError> {
                 ));
             }
         }
+        let tls = match (addr.tls, &entry.tls) {
+            (false, Some(_)) => {
+                return Err(invalid(
+                    key("tls"),
+                    "only https:// replicas take TLS settings",
+                ))
+            }
+            (false, None) => None,
+            (true, own) => {
+                let empty = file::UpstreamTls::default();
+                let settings =
+                    upstream_tls(own.as_ref().unwrap_or(&empty), Some(base_tls), &key("tls"))?;
+                let config = match client_configs.get(&settings) {
+                    Some(config) => config.clone(),
+                    None => {
+                        let config = crate::tls::client_config(&settings)
+                            .map_err(|e| invalid(key("url"), e.to_string()))?;
+                        client_configs.insert(settings.clone(), config.clone());
+                        config
+                    }
+                };
+                let server_name = crate::tls::server_name(&addr.host)
+                    .map_err(|reason| invalid(key("url"), reason))?;
+                Some(ReplicaTls {
+                    settings,
+                    server_name,
+                    config,
+                })
+            }
+        };
         replicas.push(Replica {
             name,
             url: addr.url,
             authority: addr.authority,
+            tls,
             primary: entry.primary,
             weight: entry.weight,
             max_sessions: entry.max_sessions,
@@ -849,16 +1099,19 @@ fn seconds_within(key: &str, value: f64, max: f64) -> Result<Option<Duration>, C
     Ok((value > 0.0).then(|| Duration::from_secs_f64(value)))
 }
 
-/// A validated replica address: `http://host:port` with the port made explicit.
+/// A validated replica address: `http(s)://host:port` with the port made explicit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaAddr {
     /// Normalised url, without a trailing "/".
     pub url: String,
     /// `host:port` as sent in the Host header and used to connect.
     pub authority: String,
+    pub host: String,
+    /// `https://`: the connection is TLS.
+    pub tls: bool,
 }
 
-/// Check a replica url: `http://host[:port][/]`, nothing else. Returns the normalised form.
+/// Check a replica url: `http(s)://host[:port][/]`, nothing else. Returns the normalised form.
 pub fn parse_replica_url(url: &str) -> Result<ReplicaAddr, String> {
     if url.contains('#') {
         return Err(format!("{url:?} must not have a fragment"));
@@ -866,13 +1119,11 @@ pub fn parse_replica_url(url: &str) -> Result<ReplicaAddr, String> {
     let uri: hyper::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a valid url ({e})"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!("{url:?}: https:// replicas need TLS, which this build does not support yet; use http://"))
-        }
-        _ => return Err(format!("{url:?} must start with http://")),
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("{url:?} must start with http:// or https://")),
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| format!("{url:?} has no host"))?;
@@ -891,11 +1142,14 @@ pub fn parse_replica_url(url: &str) -> Result<ReplicaAddr, String> {
             "{url:?} must not have a path other than \"/\" (got {path:?})"
         ));
     }
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let host = authority.host();
+    let scheme = if tls { "https" } else { "http" };
     Ok(ReplicaAddr {
-        url: format!("http://{host}:{port}"),
+        url: format!("{scheme}://{host}:{port}"),
         authority: format!("{host}:{port}"),
+        host: host.to_string(),
+        tls,
     })
 }
 
@@ -962,7 +1216,23 @@ mod tests {
         assert!(err("[[replicas]]\nurl = \"http://x/v1\"\n").contains("path other than"));
         assert!(err("[[replicas]]\nurl = \"http://x/?a=1\"\n").contains("query"));
         assert!(err("[[replicas]]\nurl = \"http://x/#f\"\n").contains("fragment"));
-        assert!(err("[[replicas]]\nurl = \"https://x\"\n").contains("TLS"));
+        assert!(err("[[replicas]]\nurl = \"ws://x\"\n").contains("http:// or https://"));
+        let e = err("[[replicas]]\nurl = \"http://x\"\ntls = { ca_file = \"/x\" }\n");
+        assert!(e.contains("replicas[0].tls"), "{e}");
+        let e = err("[[replicas]]\nurl = \"https://x\"\n[replicas.tls]\nca_file = \"/nonexistent/ca.pem\"\n");
+        assert!(
+            e.contains("replicas[0].tls.ca_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "[upstream_tls]\nclient_cert_file = \"/x.pem\"\n{ONE}"
+        ));
+        assert!(e.contains("upstream_tls.client_key_file"), "{e}");
+        let e = err(&format!("[listen.tls]\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\n{ONE}"));
+        assert!(
+            e.contains("listen.tls.cert_file") && e.contains("cannot read"),
+            "{e}"
+        );
         let dup = format!("{ONE}[[replicas]]\nurl = \"http://127.0.0.1:8001/\"\n");
         assert!(err(&dup).contains("replicas[1].url: duplicate of replicas[0].url"));
         let two_primaries = "[[replicas]]\nurl = \"http://a\"\nprimary = true\n[[replicas]]\nurl = \"http://b\"\nprimary = true\n";

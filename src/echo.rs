@@ -38,6 +38,7 @@ struct Shared {
 
 pub struct EchoReplica {
     addr: SocketAddr,
+    scheme: &'static str,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
 }
@@ -49,6 +50,19 @@ impl EchoReplica {
     }
 
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<EchoReplica> {
+        EchoReplica::start_with(addr, None).await
+    }
+
+    /// Start on 127.0.0.1 with a free port, speaking TLS with `tls` (which may ask clients
+    /// for a certificate).
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> std::io::Result<EchoReplica> {
+        EchoReplica::start_with("127.0.0.1:0".parse().unwrap(), Some(tls)).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<EchoReplica> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -60,8 +74,15 @@ impl EchoReplica {
             health_checks: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
-        Ok(EchoReplica { addr, shared, stop })
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(accept_loop(listener, tls, shared.clone(), stop_rx));
+        Ok(EchoReplica {
+            addr,
+            scheme,
+            shared,
+            stop,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -69,7 +90,7 @@ impl EchoReplica {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The status `/health` answers with from now on (200 by default).
@@ -115,7 +136,12 @@ impl Drop for EchoReplica {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -128,6 +154,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         let shared = shared.clone();
         let session_stop = stop.clone();
         let mut conn_stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
@@ -140,11 +167,27 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                     Ok::<_, std::convert::Infallible>(handle(req, shared, stop))
                 }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
+            let serve = async move {
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades()
+                            .await;
+                    }
+                    Some(tls) => {
+                        if let Ok(stream) = tls.accept(stream).await {
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
+                                .await;
+                        }
+                    }
+                }
+            };
             tokio::select! {
-                _ = conn => {}
+                () = serve => {}
                 _ = conn_stop.wait_for(|s| *s) => {}
             }
         });

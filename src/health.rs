@@ -5,18 +5,19 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::metrics::ProbeFailure;
+use crate::metrics::{ConnectFailure, ProbeFailure};
 use crate::registry::{Observation, Registry, Replica};
+use crate::upstream::Connector;
 
 /// Why a probe failed: its kind (counted), and the detail (logged and shown in /status).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -40,64 +41,137 @@ pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Sen
 /// One health probe of one replica. `Ok` means healthy. The loop measures latency and
 /// applies the timeout, so implementations need not.
 pub trait Probe: Send + Sync + 'static {
-    fn probe(&self, replica: &Replica, path: &str) -> ProbeFuture;
+    fn probe(&self, replica: &Arc<Replica>, path: &str) -> ProbeFuture;
+
+    /// Forget what is kept for replicas no longer in `replicas` (after a reload).
+    fn retain(&self, _replicas: &[Arc<Replica>]) {}
 }
 
-/// `GET {url}{path}` over a pooled keep-alive client; status >= 400 is a failure.
+/// `GET {path}` on a kept-alive connection to each replica, opened by the same connector as
+/// sessions (TCP, or TLS with the replica's settings); status >= 400 is a failure.
+#[derive(Default)]
 pub struct HttpProbe {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    /// One idle connection per replica url, with the TLS settings it was opened under.
+    idle: Arc<Mutex<HashMap<String, IdleConnection>>>,
 }
 
-impl Default for HttpProbe {
-    fn default() -> Self {
-        HttpProbe::new()
-    }
+struct IdleConnection {
+    sender: http1::SendRequest<Empty<Bytes>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl HttpProbe {
     pub fn new() -> HttpProbe {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            // Without a timer the pool never expires idle connections.
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1)
-            .build(connector);
-        HttpProbe { client }
+        HttpProbe::default()
+    }
+
+    fn take_idle(&self, replica: &Replica) -> Option<http1::SendRequest<Empty<Bytes>>> {
+        let idle = self.idle.lock().unwrap().remove(&replica.url)?;
+        let same_tls = match (&idle.tls, &replica.tls) {
+            (None, None) => true,
+            (Some(old), Some(new)) => Arc::ptr_eq(old, &new.config),
+            _ => false,
+        };
+        (same_tls && !idle.sender.is_closed()).then_some(idle.sender)
     }
 }
 
+fn put_idle(
+    idle: &Mutex<HashMap<String, IdleConnection>>,
+    replica: &Replica,
+    sender: http1::SendRequest<Empty<Bytes>>,
+) {
+    let tls = replica.tls.as_ref().map(|tls| tls.config.clone());
+    idle.lock()
+        .unwrap()
+        .insert(replica.url.clone(), IdleConnection { sender, tls });
+}
+
+/// A new connection to `replica`, ready for requests.
+async fn open_connection(
+    replica: &Arc<Replica>,
+) -> Result<http1::SendRequest<Empty<Bytes>>, ProbeError> {
+    let stream = tower::ServiceExt::oneshot(Connector, replica.clone())
+        .await
+        .map_err(|e| {
+            let kind = match e.kind() {
+                ConnectFailure::Local => ProbeFailure::Local,
+                ConnectFailure::Tls => ProbeFailure::Tls,
+                ConnectFailure::TimedOut => ProbeFailure::TimedOut,
+                _ => ProbeFailure::Connect,
+            };
+            ProbeError::new(kind, e.detail())
+        })?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProbeError::new(ProbeFailure::BadAnswer, e.to_string()))?;
+    tokio::spawn(async move {
+        // Ends when the replica closes it, or when the sender is dropped.
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+async fn get(
+    sender: &mut http1::SendRequest<Empty<Bytes>>,
+    replica: &Replica,
+    path: &str,
+) -> Result<hyper::StatusCode, hyper::Error> {
+    sender.ready().await?;
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, &replica.authority)
+        .header(hyper::header::USER_AGENT, "wsrouter-health")
+        .body(Empty::new())
+        .expect("a path and a host validated at load make a request");
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    // Read the body to the end so the connection can carry the next probe.
+    response.into_body().collect().await?;
+    Ok(status)
+}
+
 impl Probe for HttpProbe {
-    fn probe(&self, replica: &Replica, path: &str) -> ProbeFuture {
-        let client = self.client.clone();
-        let uri = format!("{}{}", replica.url, path);
+    fn probe(&self, replica: &Arc<Replica>, path: &str) -> ProbeFuture {
+        let replica = replica.clone();
+        let path = path.to_string();
+        let reused = self.take_idle(&replica);
+        let idle = self.idle.clone();
         Box::pin(async move {
-            let uri: hyper::Uri = uri.parse().map_err(|e| {
-                ProbeError::new(ProbeFailure::BadAnswer, format!("bad probe url: {e}"))
-            })?;
-            let response = client.get(uri).await.map_err(|e| {
-                let kind = if crate::net::has_local_shortage(&e) {
-                    ProbeFailure::Local
-                } else if e.is_connect() {
-                    ProbeFailure::Connect
-                } else {
-                    ProbeFailure::BadAnswer
-                };
-                let detail = match std::error::Error::source(&e) {
-                    Some(cause) => format!("{e}: {cause}"),
-                    None => e.to_string(),
-                };
-                ProbeError::new(kind, detail)
-            })?;
-            let status = response.status();
-            // Read the body to the end so the connection goes back to the pool.
-            response.into_body().collect().await.map_err(|e| {
-                ProbeError::new(
-                    ProbeFailure::BadAnswer,
-                    format!("reading the health answer: {e}"),
-                )
-            })?;
+            let (mut sender, mut fresh) = match reused {
+                Some(sender) => (sender, false),
+                None => (open_connection(&replica).await?, true),
+            };
+            let status = loop {
+                match get(&mut sender, &replica, &path).await {
+                    Ok(status) => break status,
+                    // A kept-alive connection the replica closed meanwhile says nothing
+                    // about its health: try once on a new one.
+                    Err(e)
+                        if !fresh
+                            && (e.is_closed() || e.is_canceled() || e.is_incomplete_message()) =>
+                    {
+                        sender = open_connection(&replica).await?;
+                        fresh = true;
+                    }
+                    Err(e) => {
+                        // Over TLS 1.3 a refused client certificate shows here, as an alert.
+                        if let Some(tls) = crate::tls::tls_cause(&e) {
+                            return Err(ProbeError::new(ProbeFailure::Tls, format!("TLS: {tls}")));
+                        }
+                        let kind = if crate::net::has_local_shortage(&e) {
+                            ProbeFailure::Local
+                        } else {
+                            ProbeFailure::BadAnswer
+                        };
+                        let detail = match std::error::Error::source(&e) {
+                            Some(cause) => format!("{e}: {cause}"),
+                            None => e.to_string(),
+                        };
+                        return Err(ProbeError::new(kind, detail));
+                    }
+                }
+            };
+            put_idle(&idle, &replica, sender);
             if status.as_u16() >= 400 {
                 return Err(ProbeError::new(
                     ProbeFailure::Status,
@@ -106,6 +180,13 @@ impl Probe for HttpProbe {
             }
             Ok(())
         })
+    }
+
+    fn retain(&self, replicas: &[Arc<Replica>]) {
+        self.idle
+            .lock()
+            .unwrap()
+            .retain(|url, _| replicas.iter().any(|r| &r.url == url));
     }
 }
 
@@ -180,6 +261,7 @@ pub async fn run(registry: Arc<Registry>, probe: Arc<dyn Probe>) {
         let now = Instant::now();
         // Forget replicas that a reload removed; new ones are due at once.
         due.retain(|url, _| replicas.iter().any(|r| &r.url == url));
+        probe.retain(&replicas);
         for replica in replicas {
             let slot = due.entry(replica.url.clone()).or_insert(Due::At(now));
             match *slot {

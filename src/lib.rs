@@ -38,6 +38,7 @@ pub mod relay;
 pub mod reload;
 pub(crate) mod server;
 pub(crate) mod session;
+pub mod tls;
 pub mod upstream;
 
 pub mod echo;

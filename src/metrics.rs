@@ -147,6 +147,38 @@ impl Label for ConnectionRefusal {
     }
 }
 
+/// How a client's TLS handshake on the listener ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsAccept {
+    Completed,
+    /// Not done within `header_read_timeout`.
+    TimedOut,
+    /// The client spoke something else than TLS (plain HTTP, say).
+    NotTls,
+    /// A TLS error or alert (no shared version or cipher, bad record), or a dropped connection.
+    Failed,
+}
+
+impl Label for TlsAccept {
+    const ALL: &'static [TlsAccept] = &[
+        TlsAccept::Completed,
+        TlsAccept::TimedOut,
+        TlsAccept::NotTls,
+        TlsAccept::Failed,
+    ];
+    fn index(self) -> usize {
+        self as usize
+    }
+    fn label(self) -> &'static str {
+        match self {
+            TlsAccept::Completed => "completed",
+            TlsAccept::TimedOut => "timed_out",
+            TlsAccept::NotTls => "not_tls",
+            TlsAccept::Failed => "failed",
+        }
+    }
+}
+
 /// How an upstream connect or handshake failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectFailure {
@@ -162,6 +194,8 @@ pub enum ConnectFailure {
     BadAnswer,
     /// The router's own resources ran out (descriptors, memory, ports).
     Local,
+    /// The TLS handshake failed (certificate, protocol).
+    Tls,
 }
 
 impl Label for ConnectFailure {
@@ -172,6 +206,7 @@ impl Label for ConnectFailure {
         ConnectFailure::Unreachable,
         ConnectFailure::BadAnswer,
         ConnectFailure::Local,
+        ConnectFailure::Tls,
     ];
     fn index(self) -> usize {
         self as usize
@@ -184,6 +219,7 @@ impl Label for ConnectFailure {
             ConnectFailure::Unreachable => "unreachable",
             ConnectFailure::BadAnswer => "bad_answer",
             ConnectFailure::Local => "local",
+            ConnectFailure::Tls => "tls",
         }
     }
 }
@@ -199,6 +235,8 @@ pub enum ProbeFailure {
     Status,
     /// The answer broke off or was not HTTP.
     BadAnswer,
+    /// The TLS handshake failed (certificate, protocol).
+    Tls,
     /// The router's own resources ran out: not held against the replica.
     Local,
 }
@@ -209,6 +247,7 @@ impl Label for ProbeFailure {
         ProbeFailure::TimedOut,
         ProbeFailure::Status,
         ProbeFailure::BadAnswer,
+        ProbeFailure::Tls,
         ProbeFailure::Local,
     ];
     fn index(self) -> usize {
@@ -220,6 +259,7 @@ impl Label for ProbeFailure {
             ProbeFailure::TimedOut => "timed_out",
             ProbeFailure::Status => "status",
             ProbeFailure::BadAnswer => "bad_answer",
+            ProbeFailure::Tls => "tls",
             ProbeFailure::Local => "local",
         }
     }
@@ -367,6 +407,8 @@ pub struct Reloads {
 pub struct Metrics {
     pub rejected: Counters<Rejection>,
     pub connections_refused: Counters<ConnectionRefusal>,
+    /// Client TLS handshakes on the listener, by outcome.
+    pub tls_accepts: Counters<TlsAccept>,
     /// Every session that had a 101, by how it ended.
     pub ended: Counters<CloseReason>,
     /// Close codes on the client side and on the replica side of ended sessions.
@@ -386,6 +428,7 @@ impl Default for Metrics {
         Metrics {
             rejected: Counters::default(),
             connections_refused: Counters::default(),
+            tls_accepts: Counters::default(),
             ended: Counters::default(),
             client_close_codes: Counters::default(),
             replica_close_codes: Counters::default(),
@@ -425,6 +468,7 @@ mod tests {
         check_vocabulary::<CloseReason>();
         check_vocabulary::<Rejection>();
         check_vocabulary::<ConnectionRefusal>();
+        check_vocabulary::<TlsAccept>();
         check_vocabulary::<ConnectFailure>();
         check_vocabulary::<ProbeFailure>();
         check_vocabulary::<CloseCode>();

@@ -33,6 +33,8 @@ pub struct Replica {
     pub url: String,
     /// `host:port`, for connecting and for the Host header.
     pub authority: String,
+    /// For `https://` replicas: how to speak TLS to it.
+    pub tls: Option<config::ReplicaTls>,
     pub primary: bool,
     pub weight: f64,
     /// Capacity; `usize::MAX` when the config sets none.
@@ -79,6 +81,7 @@ impl Replica {
             name: config.name.clone(),
             url: config.url.clone(),
             authority: config.authority.clone(),
+            tls: config.tls.clone(),
             primary: config.primary,
             weight: config.weight,
             max_sessions: config.max_sessions.unwrap_or(usize::MAX),

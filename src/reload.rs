@@ -16,9 +16,10 @@ use crate::registry::{Changes, Registry};
 
 /// Applies reloaded configs to a running router: replicas, health checks, balancing, session
 /// settings and the per-client limits, for new sessions. Live sessions are untouched;
-/// replicas whose url is unchanged keep their health state. `[listen]`, `[admin]` and the
-/// router-wide connection and session limits are fixed at start: a change to them is reported
-/// and needs a restart.
+/// replicas whose url is unchanged keep their health state; a renewed listener certificate
+/// serves connections accepted from then on. `[listen]` (but its certificate), `[admin]` and
+/// the router-wide connection and session limits are fixed at start: a change to them is
+/// reported and needs a restart.
 #[derive(Clone)]
 pub struct Reloader {
     registry: Arc<Registry>,
@@ -84,6 +85,10 @@ impl Reloader {
         if old_listen.addr != new_listen.addr {
             tracing::warn!(running = %old_listen.addr, configured = %new_listen.addr, "listen address changed in the config; it takes effect on restart");
         }
+        if old_listen.tls.is_some() != new_listen.tls.is_some() {
+            let show = |on: bool| if on { "tls" } else { "plain" };
+            tracing::warn!(running = show(old_listen.tls.is_some()), configured = show(new_listen.tls.is_some()), "listen.tls added or removed in the config; it takes effect on restart (a changed certificate applies now)");
+        }
         if old_listen.workers != new_listen.workers {
             let show = |w: Option<usize>| w.map_or("one per core".to_string(), |w| w.to_string());
             tracing::warn!(running = %show(old_listen.workers), configured = %show(new_listen.workers), "listen.workers changed in the config; it takes effect on restart");
@@ -127,11 +132,12 @@ impl Reloader {
         }
     }
 
-    /// Reload on SIGHUP, and whenever the file's contents change (looked at every `poll`).
+    /// Reload on SIGHUP, and whenever the file's contents or those of a TLS file it names
+    /// change (a renewed certificate, say; looked at every `poll`).
     /// The SIGHUP handler is installed before this returns, so a signal sent once the router
     /// listens cannot hit SIGHUP's default action (exit). Call it inside the runtime.
     pub fn watch(self, path: PathBuf, poll: Duration) -> impl Future<Output = ()> {
-        let seen = std::fs::read(&path).ok();
+        let seen = look(&path).ok();
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         self.watch_loop(path, poll, seen, hangups)
     }
@@ -140,7 +146,7 @@ impl Reloader {
         self,
         path: PathBuf,
         poll: Duration,
-        mut seen: Option<Vec<u8>>,
+        mut seen: Option<Looked>,
         mut hangups: Option<tokio::signal::unix::Signal>,
     ) {
         loop {
@@ -157,7 +163,7 @@ impl Reloader {
             if forced {
                 tracing::info!(path = %path.display(), "SIGHUP: reloading the config");
             }
-            match std::fs::read(&path) {
+            match look(&path) {
                 // Unread is not changed: keep what was seen and try again at the next look.
                 Err(error) => {
                     if forced {
@@ -175,4 +181,21 @@ impl Reloader {
             }
         }
     }
+}
+
+/// The config file's contents and those of every TLS file it names (`None`: unreadable).
+type Looked = (Vec<u8>, Vec<(PathBuf, Option<Vec<u8>>)>);
+
+/// Read the config file and the TLS files it names; an unreadable config file is an error
+/// (nothing to compare), an unreadable TLS file just one more state to compare.
+fn look(path: &Path) -> std::io::Result<Looked> {
+    let text = std::fs::read(path)?;
+    let files = Config::tls_files_named(path, &text)
+        .into_iter()
+        .map(|file| {
+            let contents = std::fs::read(&file).ok();
+            (file, contents)
+        })
+        .collect();
+    Ok((text, files))
 }

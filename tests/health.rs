@@ -80,7 +80,7 @@ struct SlowProbe {
 }
 
 impl Probe for SlowProbe {
-    fn probe(&self, _: &Replica, _: &str) -> ProbeFuture {
+    fn probe(&self, _: &Arc<Replica>, _: &str) -> ProbeFuture {
         use std::sync::atomic::Ordering::SeqCst;
         let (delay, running, peak) = (self.delay, self.running.clone(), self.peak.clone());
         Box::pin(async move {

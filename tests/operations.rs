@@ -153,8 +153,9 @@ async fn logged_session(name: &str, extra: &str) -> String {
     ws.write_frame(Frame::close(1000, b"")).await.unwrap();
     let _ = read(&mut ws).await;
     let _ = raw_http(router.addr, "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    bounded("the access log line", async {
-        while !router.log().contains("request refused") || !router.log().contains("gpu-0") {
+    // The session's line comes when the router has finished with it, after the client's close.
+    bounded("the access log lines", async {
+        while !router.log().contains("request refused") || !router.log().contains("client_closed") {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

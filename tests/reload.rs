@@ -35,7 +35,7 @@ struct Watched {
 
 /// A router started from a config file that it watches (polled every 20 ms).
 async fn watched(text: &str) -> Watched {
-    let dir = TempDir::new();
+    let dir = TempDir::new("reload");
     let path = dir.0.join("router.toml");
     std::fs::write(&path, text).unwrap();
     let router = Router::bind(Config::load(&path).unwrap()).await.unwrap();
@@ -50,24 +50,6 @@ async fn watched(text: &str) -> Watched {
         router: TestRouter::run(router),
         path,
         _dir: dir,
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("wsrouter-reload-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

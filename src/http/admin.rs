@@ -314,6 +314,19 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
     );
     family(
         &mut out,
+        "wsrouter_tls_handshakes_total",
+        "counter",
+        "Client TLS handshakes on the listener, by outcome (0 without listen.tls).",
+    );
+    counter_lines(
+        &mut out,
+        "wsrouter_tls_handshakes_total",
+        "",
+        "result",
+        &stats.tls_accepts,
+    );
+    family(
+        &mut out,
         "wsrouter_sessions_rejected_total",
         "counter",
         "Upgrade requests that got no session, by reason.",

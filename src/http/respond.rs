@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use bytes::Bytes;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tracing::Instrument;
@@ -25,8 +28,8 @@ use crate::client::{client_address, is_trusted, ClientKey};
 use crate::close::{CloseReason, RequestId};
 use crate::metrics::Rejection;
 use crate::registry::{Replica, SessionGuard};
-use crate::session::{self, Peer, Session};
-use crate::upstream::{accept_key, Upstream};
+use crate::session::{self, ClientTls, Peer, Session, Transport};
+use crate::upstream::{accept_key, Upstream, UpstreamStream};
 
 /// A request that joined a replica: everything its session needs.
 pub struct Admitted {
@@ -102,16 +105,29 @@ pub(crate) fn error_body(code: &str, message: &str, request_id: Option<RequestId
     body
 }
 
-/// The edge service of the stream path, around the admission stack `inner`.
-#[derive(Clone)]
-pub struct OpenSession<S> {
+/// The edge service of the stream path, around the admission stack `inner`; `C` is the
+/// client connection's transport (TCP, or TLS), which its session takes over.
+pub struct OpenSession<S, C> {
     inner: S,
     proxy: Arc<Proxy>,
     peer: SocketAddr,
     connection: Arc<ConnectionGuard>,
+    transport: PhantomData<fn() -> C>,
 }
 
-impl<S> OpenSession<S> {
+impl<S: Clone, C> Clone for OpenSession<S, C> {
+    fn clone(&self) -> Self {
+        OpenSession {
+            inner: self.inner.clone(),
+            proxy: self.proxy.clone(),
+            peer: self.peer,
+            connection: self.connection.clone(),
+            transport: PhantomData,
+        }
+    }
+}
+
+impl<S, C> OpenSession<S, C> {
     pub fn new(
         inner: S,
         proxy: Arc<Proxy>,
@@ -123,11 +139,12 @@ impl<S> OpenSession<S> {
             proxy,
             peer,
             connection,
+            transport: PhantomData,
         }
     }
 }
 
-impl<S, B> tower::Service<Request<B>> for OpenSession<S>
+impl<S, B, C> tower::Service<Request<B>> for OpenSession<S, C>
 where
     S: tower::Service<Box<Admission>, Response = Admitted, Error = Refusal>
         + Clone
@@ -135,6 +152,7 @@ where
         + 'static,
     S::Future: Send,
     B: Send + 'static,
+    C: Transport + AsyncRead + AsyncWrite + Unpin,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -184,8 +202,8 @@ where
                     .unwrap_or_default()
             };
             let response = match inner.oneshot(admission).await {
-                Ok(admitted) => open(&proxy, client, upgrade, admitted, &accept()),
-                Err(refusal) => refuse(&proxy, client, upgrade, refusal, accept),
+                Ok(admitted) => open::<C>(&proxy, client, upgrade, admitted, &accept()),
+                Err(refusal) => refuse::<C>(&proxy, client, upgrade, refusal, accept),
             };
             Ok(response)
         })
@@ -202,7 +220,7 @@ fn peer_of(client: &ClientInfo) -> Peer {
 }
 
 /// Answer 101 and start the session.
-fn open(
+fn open<C: Transport + AsyncRead + AsyncWrite + Unpin>(
     proxy: &Arc<Proxy>,
     client: ClientInfo,
     upgrade: hyper::upgrade::OnUpgrade,
@@ -230,20 +248,32 @@ fn open(
         permit,
         connection: client.connection,
     };
-    let task = session::run(proxy.session_context.clone(), session, upgrade, upstream);
-    // The request's span follows the session only when it is on: a span costs every open
-    // session room, and nothing when it is off.
+    let context = proxy.session_context.clone();
+    let leftover = upstream.leftover;
+    match upstream.stream {
+        UpstreamStream::Tcp(stream) => spawn(session::run::<C, TcpStream>(
+            context, session, upgrade, stream, leftover,
+        )),
+        UpstreamStream::Tls(stream) => spawn(session::run::<C, ClientTls>(
+            context, session, upgrade, *stream, leftover,
+        )),
+    }
+    response
+}
+
+/// Spawn a session. The request's span follows it only when the span is on: a span costs
+/// every open session room, and nothing when it is off.
+fn spawn(task: impl Future<Output = ()> + Send + 'static) {
     let span = tracing::Span::current();
     if span.is_disabled() {
         tokio::spawn(task);
     } else {
         tokio::spawn(task.instrument(span));
     }
-    response
 }
 
 /// The answer to a refusal; counted and logged here, and nowhere else.
-fn refuse(
+fn refuse<C: Transport + AsyncRead + AsyncWrite + Unpin>(
     proxy: &Arc<Proxy>,
     client: ClientInfo,
     upgrade: hyper::upgrade::OnUpgrade,
@@ -320,7 +350,7 @@ fn refuse(
             let peer = peer_of(&client);
             let connection = client.connection.clone();
             tokio::spawn(async move {
-                session::refuse(context, upgrade, peer, reason, detail, permit).await;
+                session::refuse::<C>(context, upgrade, peer, reason, detail, permit).await;
                 drop(connection);
             });
             return switching_protocols(&accept(), request_id);

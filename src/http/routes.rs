@@ -19,9 +19,11 @@ use super::respond::{error_body, json_response, OpenSession};
 use super::{admin, Body, Endpoints, Proxy};
 use crate::admission::ConnectionGuard;
 use crate::close::RequestId;
+use crate::session::Transport;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// The whole stack for a connection from `peer`.
-pub(super) fn stack<B>(
+/// The whole stack for a connection from `peer` over the transport `C`.
+pub(super) fn stack<B, C>(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
     endpoints: Endpoints,
@@ -35,6 +37,7 @@ pub(super) fn stack<B>(
        + Send
 where
     B: hyper::body::Body + Send + 'static,
+    C: Transport + AsyncRead + AsyncWrite + Unpin,
 {
     let admission = ServiceBuilder::new()
         .layer(UpgradeCheckLayer::new())
@@ -49,7 +52,7 @@ where
             proxy.settings.clone(),
             proxy.session_context.clone(),
         ));
-    let stream = OpenSession::new(admission, proxy.clone(), peer, connection);
+    let stream = OpenSession::<_, C>::new(admission, proxy.clone(), peer, connection);
     ServiceBuilder::new()
         .layer(RequestIdLayer)
         .layer(

@@ -21,8 +21,9 @@ use crate::frames::FrameReader;
 use crate::metrics::{CloseCode, Metrics};
 use crate::registry::{Replica, SessionGuard, Status};
 use crate::relay::{self, CloseOrder, Keepalive, SessionEnd, SessionLimits};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamStream};
 use socket::{finish_socket, upstream_halves, ClientSocket};
+pub(crate) use socket::{ClientTls, ServerTls, Transport};
 
 /// What sessions read when they start (swapped whole on reload; live sessions keep theirs).
 #[derive(Debug, Clone)]
@@ -74,16 +75,21 @@ pub struct Session {
 /// An async block rather than an async fn: an async fn moves its arguments into locals and
 /// keeps both copies, and every open session holds this future.
 #[allow(clippy::manual_async_fn)]
-pub fn run(
+pub(crate) fn run<C, U>(
     context: Arc<SessionContext>,
     session: Session,
     upgrade: hyper::upgrade::OnUpgrade,
-    upstream: Upstream,
-) -> impl Future<Output = ()> + Send + 'static {
+    upstream: U,
+    leftover: bytes::Bytes,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    C: Transport + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: Transport,
+{
     // Split out here: the future then holds the halves, not the handshake's leftovers.
-    let (mut upstream_read, mut upstream_write) = upstream_halves(upstream);
+    let (mut upstream_read, mut upstream_write) = upstream_halves(upstream, leftover);
     async move {
-        let Some(client) = ClientSocket::upgrade(upgrade).await else {
+        let Some(client) = ClientSocket::<C>::upgrade(upgrade).await else {
             return;
         };
         let (mut client_read, mut client_write) = client.into_halves();
@@ -114,11 +120,11 @@ pub fn run(
             // cannot reset anything in flight. Closing straight away, without tokio's
             // half-close on dropping a write half and without the linger, saves three
             // system calls per session.
-            client_write.into_inner().forget();
-            upstream_write.into_inner().forget();
+            C::close_now(client_read.into_inner(), client_write.into_inner());
+            U::close_now(upstream_read.into_inner(), upstream_write.into_inner());
             return;
         }
-        tokio::join!(finish_socket(client_read, client_write), async {
+        tokio::join!(finish_socket::<C>(client_read, client_write), async {
             let _ = upstream_write.shutdown().await;
         });
     }
@@ -217,14 +223,16 @@ fn code_text(code: Option<u16>) -> String {
 /// Complete the client's upgrade only to tell it why there is no session (`reason`, with
 /// `detail` as the message when given), then wait (bounded) for its Close. The permit is held
 /// until then, so a drain waits for these too.
-pub async fn refuse(
+pub(crate) async fn refuse<C>(
     context: Arc<SessionContext>,
     upgrade: hyper::upgrade::OnUpgrade,
     peer: Peer,
     reason: CloseReason,
     detail: Option<String>,
     permit: Option<SessionPermit>,
-) {
+) where
+    C: Transport + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let notice: Notice = reason.to_client(detail, Some(peer.request_id));
     let told = notice.close.map(|(code, _)| code);
     context.metrics.ended.add(reason);
@@ -249,7 +257,7 @@ pub async fn refuse(
         reason = %reason.label(),
         "session refused"
     );
-    let Some(client) = ClientSocket::upgrade(upgrade).await else {
+    let Some(client) = ClientSocket::<C>::upgrade(upgrade).await else {
         return;
     };
     let (mut read, mut write) = client.into_halves();
@@ -261,12 +269,23 @@ pub async fn refuse(
         elapsed_ms = peer.started.elapsed().as_millis() as u64,
         "refusal done"
     );
-    finish_socket(read, write).await;
+    finish_socket::<C>(read, write).await;
 }
 
 /// Close a replica connection nobody will use (a handshake that lost a race): Close 1001,
 /// then a bounded wait for the reply.
 pub async fn close_unused(context: Arc<SessionContext>, upstream: Upstream) {
+    match upstream.stream {
+        UpstreamStream::Tcp(stream) => close_unused_on(context, stream, upstream.leftover).await,
+        UpstreamStream::Tls(stream) => close_unused_on(context, *stream, upstream.leftover).await,
+    }
+}
+
+async fn close_unused_on<U: Transport>(
+    context: Arc<SessionContext>,
+    stream: U,
+    leftover: bytes::Bytes,
+) {
     let (close_timeout, max_frame_bytes) = {
         let settings = context.settings.load();
         (
@@ -274,7 +293,7 @@ pub async fn close_unused(context: Arc<SessionContext>, upstream: Upstream) {
             settings.limits.max_frame_bytes,
         )
     };
-    let (mut read, mut write) = upstream_halves(upstream);
+    let (mut read, mut write) = upstream_halves(stream, leftover);
     let order = CloseOrder {
         error_json: None,
         close: Some((1001, "lost the race to another replica")),
@@ -327,11 +346,6 @@ mod budget {
         let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let upstream = Upstream {
-            stream,
-            leftover: bytes::Bytes::new(),
-            response_headers: Default::default(),
-        };
         let session = Session {
             peer: Box::new(Peer {
                 request_id: RequestId(1),
@@ -346,7 +360,13 @@ mod budget {
         };
         let mut request = hyper::Request::new(());
         let upgrade = hyper::upgrade::on(&mut request);
-        let future = run(context, session, upgrade, upstream);
+        let future = run::<tokio::net::TcpStream, tokio::net::TcpStream>(
+            context,
+            session,
+            upgrade,
+            stream,
+            bytes::Bytes::new(),
+        );
         let sizes = [
             (
                 "session future",

@@ -15,19 +15,86 @@ use tokio::net::TcpStream;
 
 use crate::frames::FrameWriter;
 use crate::relay::Source;
-use crate::upstream::Upstream;
+use crate::tls::{TlsHalf, TlsIo};
 
-pub(crate) type ReadSide = Prefixed<OwnedReadHalf>;
-pub(crate) type WriteSide = FrameWriter<OwnedWriteHalf>;
+/// The client's side of a TLS listener.
+pub(crate) type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+/// The router's side of a TLS connection to a replica.
+pub(crate) type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A connection to one peer of a session, as the pumps use it: split in two halves, each
+/// able to say when it is readable without holding a buffer.
+pub(crate) trait Transport: Sized + Send + 'static {
+    type Read: AsyncRead + Readiness + Unpin + Send + Sync + 'static;
+    type Write: tokio::io::AsyncWrite + Unpin + Send + Sync + 'static;
+    fn split(self) -> (Self::Read, Self::Write);
+    /// Close at once, without a half-close or a linger: both Close frames have passed.
+    fn close_now(read: Self::Read, write: Self::Write);
+}
+
+/// Readiness without a read buffer (see [`Source`]).
+pub(crate) trait Readiness {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Readiness for OwnedReadHalf {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsRef::<TcpStream>::as_ref(self).poll_read_ready(cx)
+    }
+}
+
+impl<S: TlsIo> Readiness for TlsHalf<S> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TlsHalf::poll_readable(self, cx)
+    }
+}
+
+impl Transport for TcpStream {
+    type Read = OwnedReadHalf;
+    type Write = OwnedWriteHalf;
+
+    fn split(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+        self.into_split()
+    }
+
+    fn close_now(read: OwnedReadHalf, write: OwnedWriteHalf) {
+        // Dropping a write half would shut it down first (a system call for nothing).
+        write.forget();
+        drop(read);
+    }
+}
+
+macro_rules! tls_transport {
+    ($stream:ty) => {
+        impl Transport for $stream {
+            type Read = TlsHalf<$stream>;
+            type Write = TlsHalf<$stream>;
+
+            fn split(self) -> (Self::Read, Self::Write) {
+                crate::tls::split(self)
+            }
+
+            fn close_now(read: Self::Read, write: Self::Write) {
+                drop((read, write));
+            }
+        }
+    };
+}
+
+tls_transport!(ServerTls);
+tls_transport!(ClientTls);
+
+pub(crate) type ReadSide<T> = Prefixed<<T as Transport>::Read>;
+pub(crate) type WriteSide<T> = FrameWriter<<T as Transport>::Write>;
 
 /// The client's socket after hyper has answered 101.
-pub(crate) struct ClientSocket {
-    stream: TcpStream,
+pub(crate) struct ClientSocket<C> {
+    stream: C,
     leftover: Bytes,
 }
 
-impl ClientSocket {
-    pub(crate) async fn upgrade(upgrade: hyper::upgrade::OnUpgrade) -> Option<ClientSocket> {
+impl<C: Transport + AsyncRead + tokio::io::AsyncWrite + Unpin> ClientSocket<C> {
+    pub(crate) async fn upgrade(upgrade: hyper::upgrade::OnUpgrade) -> Option<ClientSocket<C>> {
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -35,21 +102,22 @@ impl ClientSocket {
                 return None;
             }
         };
-        // Served by hyper's http1 builder directly on a TcpStream, so this cannot fail.
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        // Served by hyper's http1 builder directly on the listener's transport, so this
+        // cannot fail.
+        match upgraded.downcast::<TokioIo<C>>() {
             Ok(parts) => Some(ClientSocket {
                 stream: parts.io.into_inner(),
                 leftover: parts.read_buf,
             }),
             Err(_) => {
-                tracing::error!("upgraded client connection is not a TCP stream");
+                tracing::error!("upgraded client connection is not the listener's transport");
                 None
             }
         }
     }
 
-    pub(crate) fn into_halves(self) -> (ReadSide, WriteSide) {
-        let (read, write) = self.stream.into_split();
+    pub(crate) fn into_halves(self) -> (ReadSide<C>, WriteSide<C>) {
+        let (read, write) = self.stream.split();
         (
             Prefixed::new(self.leftover, read),
             FrameWriter::new(write, Role::Server),
@@ -59,17 +127,20 @@ impl ClientSocket {
 
 /// A replica connection split for a session: reads start with the bytes read ahead during
 /// the handshake.
-pub(crate) fn upstream_halves(upstream: Upstream) -> (ReadSide, WriteSide) {
-    let (read, write) = upstream.stream.into_split();
+pub(crate) fn upstream_halves<U: Transport>(
+    stream: U,
+    leftover: Bytes,
+) -> (ReadSide<U>, WriteSide<U>) {
+    let (read, write) = stream.split();
     (
-        Prefixed::new(upstream.leftover, read),
+        Prefixed::new(leftover, read),
         FrameWriter::new(write, Role::Client),
     )
 }
 
 /// Flush and half-close our side, then read until the peer closes too (bounded), so unread
 /// bytes do not turn our close into a reset that could destroy the close frame in flight.
-pub(crate) async fn finish_socket(mut read: ReadSide, mut write: WriteSide) {
+pub(crate) async fn finish_socket<T: Transport>(mut read: ReadSide<T>, mut write: WriteSide<T>) {
     let _ = write.shutdown().await;
     // On the heap, not in the session's future: that would make every session 4 KiB larger.
     let mut sink = Vec::with_capacity(4096);
@@ -92,6 +163,11 @@ pub struct Prefixed<R> {
 }
 
 impl<R> Prefixed<R> {
+    /// The read half, once nothing read ahead is left to give out.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     pub fn new(prefix: Bytes, inner: R) -> Self {
         // An empty slice may still pin hyper's whole read buffer: let it go.
         let prefix = if prefix.is_empty() {
@@ -103,13 +179,13 @@ impl<R> Prefixed<R> {
     }
 }
 
-impl Source for Prefixed<OwnedReadHalf> {
+impl<R: AsyncRead + Readiness + Unpin + Sync> Source for Prefixed<R> {
     const PARKS: bool = true;
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.prefix.has_remaining() {
             Poll::Ready(Ok(()))
         } else {
-            AsRef::<TcpStream>::as_ref(&self.inner).poll_read_ready(cx)
+            self.inner.poll_readable(cx)
         }
     }
 }

@@ -11,9 +11,8 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::StatusCode;
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use super::{BoxFuture, ConnectError, Upstream};
+use super::{BoxFuture, ConnectError, Upstream, UpstreamStream};
 use crate::registry::Replica;
 
 const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -135,7 +134,7 @@ impl<C> Handshake<C> {
 
 impl<C> tower::Service<(Arc<Replica>, Arc<UpstreamRequest>)> for Handshake<C>
 where
-    C: tower::Service<Arc<Replica>, Response = TcpStream, Error = ConnectError>
+    C: tower::Service<Arc<Replica>, Response = UpstreamStream, Error = ConnectError>
         + Clone
         + Send
         + 'static,
@@ -159,7 +158,7 @@ where
 }
 
 async fn handshake(
-    mut stream: TcpStream,
+    mut stream: UpstreamStream,
     replica: &Replica,
     request: &UpstreamRequest,
 ) -> Result<Upstream, ConnectError> {

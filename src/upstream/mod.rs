@@ -17,14 +17,62 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::header::HeaderMap;
 use hyper::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::metrics::ConnectFailure;
 use crate::registry::Replica;
 
+/// The transport to a replica: plain TCP, or TLS for `https://` replicas.
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    // Boxed: rustls' client state is a few hundred bytes.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A replica connection that completed its WebSocket handshake.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// Bytes the replica sent right after its 101, read with the response head.
     pub leftover: Bytes,
     /// Headers to copy into the client's 101: the chosen subprotocol and any cookies set.
@@ -47,6 +95,10 @@ pub enum ConnectError {
     NoSuchHost(#[source] io::Error),
     #[error("bad answer")]
     BadAnswer(String),
+    /// The TLS handshake failed: an untrusted, expired or misnamed certificate, a refused
+    /// client certificate, no common protocol.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The replica refused this particular request (4xx): its verdict, passed to the client.
     #[error("refused the upgrade with HTTP {}", .0.as_u16())]
     Rejected(StatusCode),
@@ -76,10 +128,13 @@ impl ConnectError {
         }
     }
 
-    /// A read or write on an established connection failed.
+    /// A read or write on an established connection failed. Over TLS 1.3 a refused client
+    /// certificate shows here, as an alert after the handshake.
     fn from_io(error: io::Error, what: &str) -> ConnectError {
         if crate::net::is_local_shortage(&error) {
             ConnectError::Local(error)
+        } else if crate::tls::is_tls_error(&error) {
+            ConnectError::Tls(crate::tls::describe(&error))
         } else {
             ConnectError::NoAnswer(format!("{what}: {error}"))
         }
@@ -95,6 +150,7 @@ impl ConnectError {
                 ConnectFailure::Unreachable
             }
             ConnectError::BadAnswer(_) | ConnectError::Rejected(_) => ConnectFailure::BadAnswer,
+            ConnectError::Tls(_) => ConnectFailure::Tls,
             ConnectError::Local(_) => ConnectFailure::Local,
         }
     }
@@ -109,6 +165,7 @@ impl ConnectError {
                 | ConnectError::NoAnswer(_)
                 | ConnectError::Unreachable(_)
                 | ConnectError::NoSuchHost(_)
+                | ConnectError::Tls(_)
         )
     }
 
@@ -122,22 +179,25 @@ impl ConnectError {
             ConnectError::NoAnswer(detail) | ConnectError::BadAnswer(detail) => {
                 format!("{self}: {detail}")
             }
-            ConnectError::TimedOut | ConnectError::Rejected(_) => self.to_string(),
+            ConnectError::TimedOut | ConnectError::Rejected(_) | ConnectError::Tls(_) => {
+                self.to_string()
+            }
         }
     }
 }
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// Opens the transport to a replica. A tower service so the layers around it (the connect
-/// timeout today; TLS and discovery later) stack on it.
+/// Opens the transport to a replica: TCP, then TLS for `https://` replicas (SNI and
+/// verification by the replica's settings). A tower service so the layers around it (the
+/// connect timeout today; discovery later) stack on it.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct TcpConnector;
+pub struct Connector;
 
-impl tower::Service<Arc<Replica>> for TcpConnector {
-    type Response = TcpStream;
+impl tower::Service<Arc<Replica>> for Connector {
+    type Response = UpstreamStream;
     type Error = ConnectError;
-    type Future = BoxFuture<Result<TcpStream, ConnectError>>;
+    type Future = BoxFuture<Result<UpstreamStream, ConnectError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
         Poll::Ready(Ok(()))
@@ -149,7 +209,17 @@ impl tower::Service<Arc<Replica>> for TcpConnector {
                 .await
                 .map_err(ConnectError::from_connect)?;
             crate::net::prepare_socket(&stream).map_err(ConnectError::from_connect)?;
-            Ok(stream)
+            let Some(tls) = &replica.tls else {
+                return Ok(UpstreamStream::Tcp(stream));
+            };
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            match connector.connect(tls.server_name.clone(), stream).await {
+                Ok(stream) => Ok(UpstreamStream::Tls(Box::new(stream))),
+                Err(e) if crate::tls::is_tls_error(&e) => {
+                    Err(ConnectError::Tls(crate::tls::describe(&e)))
+                }
+                Err(e) => Err(ConnectError::from_io(e, "TLS handshake")),
+            }
         })
     }
 }
@@ -174,7 +244,7 @@ pub fn connector(
             },
         )
         .timeout(timeout)
-        .service(Handshake::new(TcpConnector))
+        .service(Handshake::new(Connector))
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! WebSocket client. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -465,7 +467,11 @@ pub async fn raw_replica_with(
 pub struct AlwaysHealthy;
 
 impl wsrouter::health::Probe for AlwaysHealthy {
-    fn probe(&self, _: &wsrouter::registry::Replica, _: &str) -> wsrouter::health::ProbeFuture {
+    fn probe(
+        &self,
+        _: &std::sync::Arc<wsrouter::registry::Replica>,
+        _: &str,
+    ) -> wsrouter::health::ProbeFuture {
         Box::pin(async { Ok(()) })
     }
 }
@@ -733,4 +739,48 @@ pub async fn receive(
     })
     .await;
     got
+}
+
+/// A directory of its own under the system's temporary directory, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wsrouter-{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A WebSocket handshake at `path` on an established connection (TLS, say).
+pub async fn websocket_over<S>(
+    stream: S,
+    host: &str,
+    path: &str,
+) -> Result<(Client, hyper::Response<hyper::body::Incoming>), fastwebsockets::WebSocketError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let req = hyper::Request::get(path)
+        .header("host", host)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header(
+            "sec-websocket-key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let (mut ws, response) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await?;
+    ws.set_auto_pong(false);
+    Ok((ws, response))
 }
