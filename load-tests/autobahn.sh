@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Autobahn TestSuite conformance: the fuzzing client runs every case against the echo replica
-# directly and through wsrouter; each case's result through the router must equal the direct
-# one, and no case may fail.
+# directly, through wsrouter, and through wsrouter's TLS listener (wss://); each case's result
+# through the router must equal the direct one, and no case may fail.
 #
 #   load-tests/autobahn.sh                 # quick set: all but 9.* (performance) and 12.*/13.* (compression)
 #   CASES=full load-tests/autobahn.sh      # every case (about a minute more)
@@ -47,6 +47,13 @@ router_port=$(free_port)
 fleet_replica "$replica_port" "$((MAX_SECONDS + 120))"
 # The suite's largest frames (9.*) are 16 MiB.
 fleet_router "$router_port" 'max_frame_bytes = 67108864' "" "$replica_port"
+# The same behind a TLS listener, with a certificate made for the run.
+"$bin/wsload" cert --dir "$WORK/tls"
+tls_port=$(free_port)
+admin_port=$(free_port)
+STATUS_PORT=$admin_port fleet_router "$tls_port" 'max_frame_bytes = 67108864' \
+    "$(printf '[listen.tls]\ncert_file = "%s"\nkey_file = "%s"\n[admin]\nlisten = "127.0.0.1:%s"\n' \
+        "$WORK/tls/cert.pem" "$WORK/tls/key.pem" "$admin_port")" "$replica_port"
 
 case $CASES in
     quick) cases='["*"]'; exclude='["9.*", "12.*", "13.*"]' ;;
@@ -59,14 +66,15 @@ cat > "$WORK/fuzzingclient.json" <<JSON
   "outdir": "$WORK/report",
   "servers": [
     {"agent": "direct", "url": "ws://127.0.0.1:$replica_port/v1/stream"},
-    {"agent": "wsrouter", "url": "ws://127.0.0.1:$router_port/v1/stream"}
+    {"agent": "wsrouter", "url": "ws://127.0.0.1:$router_port/v1/stream"},
+    {"agent": "wsrouter-tls", "url": "wss://localhost:$tls_port/v1/stream"}
   ],
   "cases": $cases,
   "exclude-cases": $exclude,
   "exclude-agent-cases": {}
 }
 JSON
-echo "autobahn.sh: $CASES case set, direct ws://127.0.0.1:$replica_port and wsrouter ws://127.0.0.1:$router_port"
+echo "autobahn.sh: $CASES case set, direct ws://127.0.0.1:$replica_port, wsrouter ws://127.0.0.1:$router_port and wss://localhost:$tls_port"
 started=$SECONDS
 (cd "$WORK" && timeout "$MAX_SECONDS" "$env_dir/bin/wstest" -m fuzzingclient -s fuzzingclient.json > "$WORK/wstest.log" 2>&1) \
     || { echo "autobahn.sh: wstest failed or timed out; see $WORK/wstest.log" >&2; tail -20 "$WORK/wstest.log" >&2; exit 1; }

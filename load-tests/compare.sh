@@ -6,6 +6,9 @@
 #   ROUNDS=1 DURATION=2 load-tests/compare.sh   # quick look
 #   BASELINE=/path/to/old/wsrouter TARGETS="baseline wsrouter" load-tests/compare.sh
 #                                      # this build against an earlier one, alternating
+#   TLS=1 load-tests/compare.sh        # each proxy terminates TLS (wss://) with the same
+#                                      # ECDSA P-256 certificate; adds full and resumed
+#                                      # handshake rows (no direct or baseline rows)
 #
 # Everything binds 127.0.0.1, every run is bounded in time, and all processes are stopped at
 # exit. The FD limit is raised as far as the hard limit allows (20000 here): peers are sized to
@@ -21,7 +24,13 @@ CONNECTIONS=${CONNECTIONS:-"64 1000"}
 IDLE_SESSIONS=${IDLE_SESSIONS:-2000}
 OUT=${OUT:-load-tests/results}
 BASELINE=${BASELINE:-}
-TARGETS=${TARGETS:-"direct nginx haproxy ${BASELINE:+baseline }wsrouter"}
+TLS=${TLS:-}
+if [ -n "$TLS" ]; then
+  # The replicas speak plain WebSocket and the baseline build has no TLS: proxies only.
+  TARGETS=${TARGETS:-"nginx haproxy wsrouter"}
+else
+  TARGETS=${TARGETS:-"direct nginx haproxy ${BASELINE:+baseline }wsrouter"}
+fi
 REPLICA_PORTS=(18001 18002)
 declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002 [baseline]=19003)
 wants() { [[ " $TARGETS " == *" $1 "* ]]; }
@@ -50,6 +59,16 @@ RESULTS="$OUT/results-$(date +%Y%m%d-%H%M%S).jsonl"
 : > "$RESULTS"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
+# The url a target is measured at, with the wsload options it needs.
+if [ -n "$TLS" ]; then
+  $BIN/wsload cert --dir "$WORK/tls"
+  cat "$WORK/tls/cert.pem" "$WORK/tls/key.pem" > "$WORK/tls/haproxy.pem"
+fi
+url_of() {
+  if [ -n "$TLS" ]; then echo "wss://localhost:${PORT[$1]}/v1/stream --ca $WORK/tls/ca.pem"
+  else echo "ws://127.0.0.1:${PORT[$1]}/v1/stream"; fi
+}
+
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -71,6 +90,7 @@ router_config() {
 host = "127.0.0.1"
 port = $1
 workers = 1
+$([ -n "$TLS" ] && printf '[listen.tls]\ncert_file = "%s"\nkey_file = "%s"\n' "$WORK/tls/cert.pem" "$WORK/tls/key.pem")
 [limits]
 max_sessions = 9000
 $2
@@ -111,7 +131,9 @@ http {
     server 127.0.0.1:${REPLICA_PORTS[1]} backup;
   }
   server {
-    listen 127.0.0.1:${PORT[nginx]} backlog=4096;
+    listen 127.0.0.1:${PORT[nginx]} backlog=4096 ${TLS:+ssl};
+    $([ -n "$TLS" ] && echo "ssl_certificate $WORK/tls/cert.pem; ssl_certificate_key $WORK/tls/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;")
     location /v1/stream {
       proxy_pass http://replicas;
       proxy_http_version 1.1;
@@ -140,7 +162,7 @@ defaults
   timeout server 1h
   timeout tunnel 1h
 frontend fe
-  bind 127.0.0.1:${PORT[haproxy]}
+  bind 127.0.0.1:${PORT[haproxy]} ${TLS:+ssl crt $WORK/tls/haproxy.pem alpn http/1.1}
   default_backend replicas
 backend replicas
   server primary 127.0.0.1:${REPLICA_PORTS[0]} check inter 5s
@@ -175,7 +197,7 @@ cpu_ticks() {
 for t in $TARGETS; do
   ok=""
   for _ in $(seq 1 100); do
-    if $BIN/wsload echo --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --connections 1 --duration 0.2 --warmup 0 2>/dev/null |
+    if $BIN/wsload echo --url $(url_of "$t") --connections 1 --duration 0.2 --warmup 0 2>/dev/null |
        grep -q '"errors":0,.*"mismatches":0'; then ok=1; break; fi
     sleep 0.2
   done
@@ -192,14 +214,29 @@ round_order() {
   echo $order
 }
 
+# RSS per idle session of each proxy: on fresh processes (before any load), and again after
+# the load (what a process that has carried traffic holds; allocators and pools keep some).
+measure_idle() {
+  for t in $TARGETS; do
+    [ "$t" = direct ] && continue
+    pid_args=""
+    for p in $(target_pids "$t"); do pid_args="$pid_args --pid $p"; done
+    line=$($LOAD_CPU $BIN/wsload idle --url $(url_of "$t") --label "$t" \
+           --connections "$IDLE_SESSIONS" --hold 3 $pid_args)
+    echo "${line%\}},\"phase\":\"$1\"}" >> "$RESULTS"
+    echo "idle ($1): $t $(echo "$line" | grep -o '"rss_per_session_bytes":[0-9.]*')" >&2
+  done
+}
+
 TICK=$(getconf CLK_TCK)
+measure_idle fresh
 for round in $(seq 1 "$ROUNDS"); do
   for size in $SIZES; do
     for conns in $CONNECTIONS; do
       for t in $(round_order "$round"); do
         pids=$(target_pids "$t")
         before=$(cpu_ticks $pids)
-        line=$($LOAD_CPU $BIN/wsload echo --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" \
+        line=$($LOAD_CPU $BIN/wsload echo --url $(url_of "$t") --label "$t" \
                --connections "$conns" --size "$size" --duration "$DURATION" --warmup "$WARMUP")
         after=$(cpu_ticks $pids)
         echo "${line%\}},\"round\":$round,\"proxy_cpu_s\":$(python3 -c "print(($after-$before)/$TICK)")}" >> "$RESULTS"
@@ -207,24 +244,19 @@ for round in $(seq 1 "$ROUNDS"); do
       done
     done
   done
-  for t in $(round_order "$round"); do
-    pids=$(target_pids "$t")
-    before=$(cpu_ticks $pids)
-    line=$($LOAD_CPU $BIN/wsload handshake --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" --duration "$DURATION")
-    after=$(cpu_ticks $pids)
-    echo "${line%\}},\"round\":$round,\"proxy_cpu_s\":$(python3 -c "print(($after-$before)/$TICK)")}" >> "$RESULTS"
-    echo "round $round: $t $(echo "$line" | grep -o '"handshakes_per_s":[0-9.]*')" >&2
+  # Over TLS: full handshakes (no resumption), then resumed ones.
+  for resume in ${TLS:+--no-resume} ""; do
+    for t in $(round_order "$round"); do
+      pids=$(target_pids "$t")
+      before=$(cpu_ticks $pids)
+      line=$($LOAD_CPU $BIN/wsload handshake --url $(url_of "$t") $resume --label "$t" --duration "$DURATION")
+      after=$(cpu_ticks $pids)
+      echo "${line%\}},\"round\":$round,\"proxy_cpu_s\":$(python3 -c "print(($after-$before)/$TICK)")}" >> "$RESULTS"
+      echo "round $round: $t ${resume} $(echo "$line" | grep -o '"handshakes_per_s":[0-9.]*')" >&2
+    done
   done
 done
-for t in $TARGETS; do
-  [ "$t" = direct ] && continue
-  pid_args=""
-  for p in $(target_pids "$t"); do pid_args="$pid_args --pid $p"; done
-  line=$($LOAD_CPU $BIN/wsload idle --url "ws://127.0.0.1:${PORT[$t]}/v1/stream" --label "$t" \
-         --connections "$IDLE_SESSIONS" --hold 3 $pid_args)
-  echo "$line" >> "$RESULTS"
-  echo "idle: $t $(echo "$line" | grep -o '"rss_per_session_bytes":[0-9.]*')" >&2
-done
+measure_idle after_load
 
 echo "raw results: $RESULTS" >&2
 python3 load-tests/report.py "$RESULTS"

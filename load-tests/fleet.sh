@@ -25,8 +25,9 @@ fleet_replica() {
 }
 
 # fleet_router PORT LIMITS EXTRA_TOML REPLICA_PORT...: start wsrouter (the first replica is
-# the primary) and wait until it reports every replica healthy; sets `router_pid`. LIMITS are
-# lines for [limits]; the per-client limits are off, as all the load comes from one address.
+# the primary) and wait until it reports every replica healthy (on STATUS_PORT if set: the
+# admin listener of a TLS router); sets `router_pid`. LIMITS are lines for [limits]; the
+# per-client limits are off, as all the load comes from one address.
 fleet_router() {
     local port=$1 limits=$2 extra=$3 primary=true replica
     shift 3
@@ -37,9 +38,9 @@ fleet_router() {
             printf '\n[[replicas]]\nurl = "http://127.0.0.1:%s"\nprimary = %s\n' "$replica" "$primary"
             primary=false
         done
-    } > "$WORK/router.toml"
-    RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router.toml" 2> "$WORK/router.log" &
+    } > "$WORK/router-$port.toml"
+    RUST_LOG=wsrouter=warn "$bin/wsrouter" --config "$WORK/router-$port.toml" 2> "$WORK/router-$port.log" &
     router_pid=$!
     pids+=($router_pid)
-    python3 "$ROOT/load-tests/wait_healthy.py" "$port" || { cat "$WORK/router.log" >&2; exit 1; }
+    python3 "$ROOT/load-tests/wait_healthy.py" "${STATUS_PORT:-$port}" || { cat "$WORK/router-$port.log" >&2; exit 1; }
 }

@@ -34,6 +34,7 @@ struct Shared {
     open_sessions: AtomicUsize,
     close_codes: Mutex<Vec<u16>>,
     health_checks: AtomicU64,
+    connections: AtomicU64,
 }
 
 pub struct EchoReplica {
@@ -72,6 +73,7 @@ impl EchoReplica {
             open_sessions: AtomicUsize::new(0),
             close_codes: Mutex::new(Vec::new()),
             health_checks: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -119,6 +121,11 @@ impl EchoReplica {
         self.shared.health_checks.load(Ordering::Relaxed)
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
     /// Close codes received from peers, in arrival order (1005 for a Close without a code).
     pub fn close_codes(&self) -> Vec<u16> {
         self.shared.close_codes.lock().unwrap().clone()
@@ -151,6 +158,7 @@ async fn accept_loop(
             _ = stop.wait_for(|s| *s) => return,
         };
         let _ = stream.set_nodelay(true);
+        shared.connections.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         let session_stop = stop.clone();
         let mut conn_stop = stop.clone();

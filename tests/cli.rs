@@ -186,3 +186,35 @@ fn send_signal(signal: &str, pid: u32) {
 fn unsafe_sigterm(pid: u32) {
     send_signal("-TERM", pid);
 }
+
+#[test]
+fn check_refuses_a_key_that_does_not_belong_to_the_certificate() {
+    let pki = common::pki::Pki::new("cli");
+    let (cert, _) = pki.write(
+        &pki.issue(common::pki::Leaf::server(&["localhost"])),
+        "router",
+    );
+    let (_, other_key) = pki.write(
+        &pki.issue(common::pki::Leaf::server(&["localhost"])),
+        "other",
+    );
+    let path = pki.dir.0.join("router.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen.tls]\ncert_file = {cert:?}\nkey_file = {other_key:?}\n[[replicas]]\nurl = \"http://a\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listen.tls.key_file") && stderr.contains("does not belong"),
+        "{stderr}"
+    );
+}

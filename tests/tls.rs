@@ -7,6 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::pki::{server_config, tls_connect, Issued, Leaf, Pki};
@@ -72,9 +73,10 @@ async fn a_wss_client_reaches_an_https_replica_through_both_tls_legs() {
         pki.ca_file()
     );
     let router = TestRouter::start(config(&[replica.url()], &extra)).await;
-    // Healthy means the probe spoke TLS to /health.
+    // Healthy means the probe spoke TLS to /health; its connection is kept across cycles.
     router.wait_status(0, Status::Healthy).await;
-    assert!(replica.health_checks() > 0);
+    until("three probes", || replica.health_checks() >= 3).await;
+    assert_eq!(replica.connections(), 1, "one kept-alive probe connection");
 
     let mut ws = wss(router.addr, &pki).await;
     echo_once(&mut ws, b"through two TLS legs").await;
@@ -440,4 +442,125 @@ async fn tls_files_that_do_not_fit_are_rejected_at_load_naming_the_key() {
     .unwrap();
     let config = Config::load(&path).expect("relative TLS paths load");
     assert_eq!(config.listen.tls.unwrap().cert_file, cert);
+}
+
+/// A TCP stream that counts the TLS records it reads (by their 5-byte headers).
+struct RecordCounter {
+    inner: tokio::net::TcpStream,
+    records: Arc<std::sync::atomic::AtomicUsize>,
+    /// Header bytes of the next record seen so far, or the body bytes still to skip.
+    header: Vec<u8>,
+    skip: usize,
+}
+
+impl RecordCounter {
+    fn scan(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() == 5 {
+                self.records
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.skip = u16::from_be_bytes([self.header[3], self.header[4]]) as usize;
+                self.header.clear();
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for RecordCounter {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let fresh = buf.filled()[before..].to_vec();
+        self.scan(&fresh);
+        poll
+    }
+}
+
+impl tokio::io::AsyncWrite for RecordCounter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn frames_that_arrive_together_leave_in_one_tls_record() {
+    let pki = Pki::new("records");
+    // The replica sends 50 small frames in one write right after its 101.
+    let burst: Vec<u8> = (0..50u8)
+        .flat_map(|i| raw_frame(0x81, format!("frame {i:02}").as_bytes(), false))
+        .collect();
+    let (replica, _) = recording_replica(burst).await;
+    let extra = router_cert(&pki);
+    let router = start_always_healthy(&[format!("http://{replica}")], &extra).await;
+
+    let records = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tcp = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let counter = RecordCounter {
+        inner: tcp,
+        records: records.clone(),
+        header: Vec::new(),
+        skip: 0,
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.client_config())
+        .connect(name, counter)
+        .await
+        .unwrap();
+    let (mut ws, _) = websocket_over(tls, "localhost", "/v1/stream")
+        .await
+        .unwrap();
+    let before_frames = records.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..50 {
+        let frame = read(&mut ws).await;
+        assert_eq!(frame.opcode, OpCode::Text);
+        assert_eq!(&frame.payload[..], format!("frame {i:02}").as_bytes());
+    }
+    let for_frames = records.load(std::sync::atomic::Ordering::SeqCst) - before_frames;
+    // The burst, and perhaps what followed it (the replica then hung up: error and Close).
+    assert!(
+        for_frames <= 3,
+        "50 frames that arrived together took {for_frames} TLS records"
+    );
+}
+
+#[tokio::test]
+async fn a_drain_closes_tls_sessions_with_1001() {
+    let pki = Pki::new("drain");
+    let replica = EchoReplica::start().await.unwrap();
+    let mut router = TestRouter::start(config(&[replica.url()], &router_cert(&pki))).await;
+    router.wait_status(0, Status::Healthy).await;
+    let mut ws = wss(router.addr, &pki).await;
+    echo_once(&mut ws, b"before the drain").await;
+    let (drain, frame) = tokio::join!(router.shutdown(), read(&mut ws));
+    assert_eq!(close_code(&frame).0, 1001);
+    assert!(matches!(drain, wsrouter::Drain::Complete), "{drain:?}");
 }

@@ -2,7 +2,11 @@
 //!
 //! Modes: `echo` (N connections, K messages in flight, every echo checked byte for byte),
 //! `handshake` (open+close rate and connect latency), `idle` (N idle sessions, memory per
-//! session of the given processes), and `replica` (an echo replica with /health).
+//! session of the given processes), `replica` (an echo replica with /health), and `cert`
+//! (a CA and an ECDSA P-256 certificate for localhost, for TLS targets).
+//!
+//! `wss://` urls are verified against `--ca`, as `localhost`; the client offers X25519 only,
+//! which every peer compared supports, so each does the same key exchange.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -38,12 +42,18 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Target {
-    /// ws://127.0.0.1:PORT/path (loopback only).
+    /// ws://127.0.0.1:PORT/path or wss://localhost:PORT/path (loopback only).
     #[arg(long)]
     url: String,
     /// Label copied into the result line.
     #[arg(long, default_value = "")]
     label: String,
+    /// The CA that signed a wss:// target's certificate (PEM).
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// wss:// only: a full TLS handshake for every connection (no session resumption).
+    #[arg(long)]
+    no_resume: bool,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +104,11 @@ enum Mode {
         #[arg(long = "pid")]
         pids: Vec<u32>,
     },
+    /// Write ca.pem, cert.pem and key.pem (ECDSA P-256, for localhost and 127.0.0.1) to DIR.
+    Cert {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
     /// Run an echo replica (GET /health, WS /v1/stream) on 127.0.0.1:PORT.
     Replica {
         #[arg(long)]
@@ -135,6 +150,7 @@ fn main() {
                 pids,
             } => idle(target, connections, hold, warm_bytes, pids).await,
             Mode::Replica { port, max_seconds } => replica(port, max_seconds).await,
+            Mode::Cert { dir } => cert(&dir),
         }
     });
     match result {
@@ -149,11 +165,28 @@ fn main() {
 
 type Client = WebSocket<TokioIo<Upgraded>>;
 
-/// Parse a ws:// url and refuse anything that is not loopback.
-fn loopback_target(url: &str) -> Result<(SocketAddr, String), String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or("url must start with ws://")?;
+/// Where sessions go: a loopback address, the path, and TLS for wss:// targets.
+#[derive(Clone)]
+struct Endpoint {
+    addr: SocketAddr,
+    path: String,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// TLS handshakes that resumed a session.
+static RESUMED: AtomicU64 = AtomicU64::new(0);
+
+/// The name wss:// targets are verified as (see `wsload cert`).
+const TLS_NAME: &str = "localhost";
+
+/// Parse a ws:// or wss:// url and refuse anything that is not loopback.
+fn endpoint(target: &Target) -> Result<Endpoint, String> {
+    let url = &target.url;
+    let (rest, secure) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err("url must start with ws:// or wss://".into()),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].to_string()),
         None => (rest, "/".to_string()),
@@ -171,7 +204,36 @@ fn loopback_target(url: &str) -> Result<(SocketAddr, String), String> {
             "{addr} is not a loopback address; wsload only targets 127.0.0.0/8 and ::1"
         ));
     }
-    Ok((addr, path))
+    let tls = if secure {
+        let ca = target.ca.as_ref().ok_or("a wss:// url needs --ca")?;
+        Some(tls_connector(ca, !target.no_resume)?)
+    } else {
+        None
+    };
+    Ok(Endpoint { addr, path, tls })
+}
+
+fn tls_connector(ca: &std::path::Path, resume: bool) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("{}: {e}", ca.display()))?
+    {
+        roots
+            .add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 struct SpawnExecutor;
@@ -186,13 +248,13 @@ where
     }
 }
 
-async fn open(addr: SocketAddr, path: &str) -> Result<Client, String> {
-    let stream = TcpStream::connect(addr)
+async fn open(endpoint: &Endpoint) -> Result<Client, String> {
+    let stream = TcpStream::connect(endpoint.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
+    let req = hyper::Request::get(&endpoint.path)
+        .header("host", endpoint.addr.to_string())
         .header("upgrade", "websocket")
         .header("connection", "upgrade")
         .header(
@@ -202,9 +264,21 @@ async fn open(addr: SocketAddr, path: &str) -> Result<Client, String> {
         .header("sec-websocket-version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut ws, _) = match &endpoint.tls {
+        None => fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await,
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(TLS_NAME).expect("a DNS name");
+            let stream = tls
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                RESUMED.fetch_add(1, Ordering::Relaxed);
+            }
+            fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await
+        }
+    }
+    .map_err(|e| format!("handshake: {e}"))?;
     ws.set_max_message_size(64 << 20);
     Ok(ws)
 }
@@ -260,13 +334,13 @@ async fn echo(
     warmup: f64,
     rate: Option<f64>,
 ) -> Result<Option<String>, String> {
-    let (addr, path) = loopback_target(&target.url)?;
+    let endpoint = endpoint(&target)?;
     if size < 8 {
         return Err("--size must be at least 8 (the sequence number)".into());
     }
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
-        clients.push(open(addr, &path).await?);
+        clients.push(open(&endpoint).await?);
     }
     let counts = Arc::new(EchoCounts::default());
     let start = Instant::now();
@@ -296,7 +370,7 @@ async fn echo(
     let messages = counts.messages.load(Ordering::Relaxed);
     let line = json!({
         "mode": "echo", "target": target.label, "connections": connections, "in_flight": in_flight,
-        "size": size, "duration_s": duration,
+        "size": size, "duration_s": duration, "tls": target.url.starts_with("wss://"),
         "messages": messages,
         "messages_total": counts.messages_total.load(Ordering::Relaxed),
         "msgs_per_s": messages as f64 / duration,
@@ -414,17 +488,18 @@ async fn handshake(
     concurrency: usize,
     duration: f64,
 ) -> Result<Option<String>, String> {
-    let (addr, path) = loopback_target(&target.url)?;
+    let endpoint = endpoint(&target)?;
+    let tls = endpoint.tls.is_some();
     let end = Instant::now() + Duration::from_secs_f64(duration);
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (path, errors) = (path.clone(), errors.clone());
+        let (endpoint, errors) = (endpoint.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             while Instant::now() < end {
                 let started = Instant::now();
-                match tokio::time::timeout(Duration::from_secs(5), open(addr, &path)).await {
+                match tokio::time::timeout(Duration::from_secs(5), open(&endpoint)).await {
                     Ok(Ok(ws)) => {
                         let _ = histogram.record(started.elapsed().as_micros().max(1) as u64);
                         close(ws).await;
@@ -449,6 +524,8 @@ async fn handshake(
         "handshakes": histogram.len(),
         "handshakes_per_s": histogram.len() as f64 / duration,
         "errors": errors.load(Ordering::Relaxed),
+        "tls": tls, "tls_resume": tls && !target.no_resume,
+        "tls_resumed": RESUMED.load(Ordering::Relaxed),
     });
     Ok(Some(merge(line, quantiles(&histogram)).to_string()))
 }
@@ -472,16 +549,16 @@ async fn idle(
     warm_bytes: usize,
     pids: Vec<u32>,
 ) -> Result<Option<String>, String> {
-    let (addr, path) = loopback_target(&target.url)?;
+    let endpoint = endpoint(&target)?;
     let before = total_rss(&pids);
     let mut clients = Vec::with_capacity(connections);
     let mut open_errors = 0u64;
     // Open in batches so the target's accept queue is not the thing being measured.
     for chunk_start in (0..connections).step_by(100) {
         let batch = (chunk_start..connections.min(chunk_start + 100)).map(|_| {
-            let path = path.clone();
+            let endpoint = endpoint.clone();
             tokio::spawn(async move {
-                let mut ws = open(addr, &path).await?;
+                let mut ws = open(&endpoint).await?;
                 if warm_bytes > 0 {
                     let payload = vec![0x5a; warm_bytes];
                     let echoed = async {
@@ -572,7 +649,7 @@ async fn idle(
     let growth = during.saturating_sub(before);
     let line = json!({
         "mode": "idle", "target": target.label, "connections": connections, "held": held,
-        "warm_bytes": warm_bytes,
+        "warm_bytes": warm_bytes, "tls": target.url.starts_with("wss://"),
         "open_errors": open_errors, "dead_after_hold": dead,
         "rss_before_bytes": before, "rss_during_bytes": during,
         "rss_per_session_bytes": if held > 0 { growth as f64 / held as f64 } else { 0.0 },
@@ -595,6 +672,31 @@ async fn replica(port: u16, max_seconds: f64) -> Result<Option<String>, String> 
                 Err(_) => std::future::pending::<()>().await,
             }
         } => {}
+    }
+    Ok(None)
+}
+
+fn cert(dir: &std::path::Path) -> Result<Option<String>, String> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let fail = |e: rcgen::Error| e.to_string();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "wsload test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(fail)?).map_err(fail)?;
+    let mut leaf = CertificateParams::new(vec![TLS_NAME.to_string(), "127.0.0.1".to_string()])
+        .map_err(fail)?;
+    leaf.distinguished_name.push(DnType::CommonName, TLS_NAME);
+    // KeyPair::generate makes ECDSA P-256 keys.
+    let key = KeyPair::generate().map_err(fail)?;
+    let cert = leaf.signed_by(&key, &ca).map_err(fail)?;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    for (name, contents) in [
+        ("ca.pem", ca.pem()),
+        ("cert.pem", cert.pem()),
+        ("key.pem", key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), contents).map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(None)
 }
