@@ -280,25 +280,23 @@ pub trait TlsIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl TlsIo for tokio_rustls::server::TlsStream<TcpStream> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (tcp, tls) = self.get_ref();
-        if !tls.wants_read() {
-            return Poll::Ready(Ok(()));
+macro_rules! tls_io {
+    ($stream:ty) => {
+        impl TlsIo for $stream {
+            fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                let (tcp, tls) = self.get_ref();
+                // Plaintext already decrypted (or a close_notify) is there to read now.
+                if !tls.wants_read() {
+                    return Poll::Ready(Ok(()));
+                }
+                tcp.poll_read_ready(cx)
+            }
         }
-        tcp.poll_read_ready(cx)
-    }
+    };
 }
 
-impl TlsIo for tokio_rustls::client::TlsStream<TcpStream> {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (tcp, tls) = self.get_ref();
-        if !tls.wants_read() {
-            return Poll::Ready(Ok(()));
-        }
-        tcp.poll_read_ready(cx)
-    }
-}
+tls_io!(tokio_rustls::server::TlsStream<TcpStream>);
+tls_io!(tokio_rustls::client::TlsStream<TcpStream>);
 
 /// Split a TLS stream for the two pumps.
 pub fn split<S: TlsIo>(stream: S) -> (TlsHalf<S>, TlsHalf<S>) {

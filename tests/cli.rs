@@ -16,6 +16,15 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// `wsrouter check --config path`.
+fn check(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_accepts_the_shipped_config() {
     let out = Command::new(BIN)
@@ -33,11 +42,7 @@ fn check_accepts_the_shipped_config() {
 #[test]
 fn check_rejects_with_exit_2_and_names_the_key() {
     let path = write_config("bad.toml", "[[replicas]]\nurl = \"http://a\"\nprimary = true\n[[replicas]]\nurl = \"http://b\"\nprimary = true\n");
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("replicas[1].primary"), "{err}");
@@ -206,11 +211,7 @@ fn check_refuses_a_key_that_does_not_belong_to_the_certificate() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = check(&path);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -11,7 +11,6 @@ use fastwebsockets::{Frame, OpCode, Payload};
 use wsrouter::echo::EchoReplica;
 use wsrouter::registry::Status;
 use wsrouter::reload::Reload;
-use wsrouter::{Config, Router};
 
 fn config_text(replicas: &[(&EchoReplica, bool)], extra: &str) -> String {
     let mut text = format!(
@@ -38,16 +37,10 @@ async fn watched(text: &str) -> Watched {
     let dir = TempDir::new("reload");
     let path = dir.0.join("router.toml");
     std::fs::write(&path, text).unwrap();
-    let router = Router::bind(Config::load(&path).unwrap()).await.unwrap();
-    let reloader = router.reloader();
-    tokio::spawn(
-        reloader
-            .clone()
-            .watch(path.clone(), Duration::from_millis(20)),
-    );
+    let (router, reloader) = watched_router(&path).await;
     Watched {
         reloader,
-        router: TestRouter::run(router),
+        router,
         path,
         _dir: dir,
     }

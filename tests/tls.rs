@@ -18,7 +18,7 @@ use wsrouter::echo::EchoReplica;
 use wsrouter::health::{run_cycle, HttpProbe};
 use wsrouter::metrics::ProbeFailure;
 use wsrouter::registry::{Registry, Status};
-use wsrouter::{Config, Router};
+use wsrouter::Config;
 
 fn listen_tls(cert: &Path, key: &Path) -> String {
     format!("[listen.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n")
@@ -339,14 +339,7 @@ async fn a_renewed_certificate_serves_new_connections_and_live_sessions_keep_goi
         replica.url()
     );
     std::fs::write(&path, &text).unwrap();
-    let router = Router::bind(Config::load(&path).unwrap()).await.unwrap();
-    let reloader = router.reloader();
-    tokio::spawn(
-        reloader
-            .clone()
-            .watch(path.clone(), Duration::from_millis(20)),
-    );
-    let router = TestRouter::run(router);
+    let (router, reloader) = watched_router(&path).await;
     router.wait_status(0, Status::Healthy).await;
     assert_eq!(presented(router.addr, &pki).await, der_of(&first));
     let mut live = wss(router.addr, &pki).await;

@@ -190,26 +190,7 @@ pub async fn connect_from(
     headers: &[(&str, &str)],
 ) -> Result<(Client, hyper::Response<hyper::body::Incoming>), fastwebsockets::WebSocketError> {
     let stream = tcp_from(source, addr).await.expect("tcp connect");
-    let mut req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header(
-            "sec-websocket-key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("sec-websocket-version", "13");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let (mut ws, response) = fastwebsockets::handshake::client(
-        &SpawnExecutor,
-        req.body(Empty::<Bytes>::new()).unwrap(),
-        stream,
-    )
-    .await?;
-    ws.set_auto_pong(false);
-    Ok((ws, response))
+    websocket_with(stream, &addr.to_string(), path, headers).await
 }
 
 pub async fn connect(addr: SocketAddr) -> Client {
@@ -769,7 +750,20 @@ pub async fn websocket_over<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let req = hyper::Request::get(path)
+    websocket_with(stream, host, path, &[]).await
+}
+
+/// As [`websocket_over`], with extra request headers.
+pub async fn websocket_with<S>(
+    stream: S,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Client, hyper::Response<hyper::body::Incoming>), fastwebsockets::WebSocketError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut req = hyper::Request::get(path)
         .header("host", host)
         .header("upgrade", "websocket")
         .header("connection", "upgrade")
@@ -777,10 +771,25 @@ where
             "sec-websocket-key",
             fastwebsockets::handshake::generate_key(),
         )
-        .header("sec-websocket-version", "13")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+        .header("sec-websocket-version", "13");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
     let (mut ws, response) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await?;
     ws.set_auto_pong(false);
     Ok((ws, response))
+}
+
+/// A router started from the config file at `path`, reloading it when it (or a TLS file it
+/// names) changes, looked at every 20 ms.
+pub async fn watched_router(path: &std::path::Path) -> (TestRouter, wsrouter::Reloader) {
+    let router = Router::bind(Config::load(path).unwrap()).await.unwrap();
+    let reloader = router.reloader();
+    tokio::spawn(
+        reloader
+            .clone()
+            .watch(path.to_path_buf(), Duration::from_millis(20)),
+    );
+    (TestRouter::run(router), reloader)
 }
