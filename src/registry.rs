@@ -267,6 +267,24 @@ impl Health {
     }
 }
 
+/// Where `replica` (of any config generation) is in the current members.
+fn position_of(replicas: &[Arc<Replica>], replica: &Replica) -> Option<usize> {
+    replicas
+        .iter()
+        .position(|r| Arc::ptr_eq(&r.live, &replica.live))
+}
+
+/// Count `observation` in `health` and log a change of status.
+fn apply(replica: &Replica, health: &mut Health, observation: &Observation, check: &HealthCheck) {
+    let before = health.status;
+    health.observe(
+        observation,
+        check.failure_threshold,
+        check.recovery_threshold,
+    );
+    note_change(replica, health, before);
+}
+
 /// Log a status change and note its time.
 fn note_change(replica: &Replica, health: &mut Health, before: Status) {
     let after = health.status;
@@ -418,19 +436,9 @@ impl Registry {
             check,
         } = &mut *members;
         for (replica, observation) in observations {
-            let Some(i) = replicas
-                .iter()
-                .position(|r| Arc::ptr_eq(&r.live, &replica.live))
-            else {
-                continue;
-            };
-            let before = health[i].status;
-            health[i].observe(
-                &observation,
-                check.failure_threshold,
-                check.recovery_threshold,
-            );
-            note_change(&replicas[i], &mut health[i], before);
+            if let Some(i) = position_of(replicas, &replica) {
+                apply(&replicas[i], &mut health[i], &observation, check);
+            }
         }
         self.publish(&members);
     }
@@ -450,10 +458,7 @@ impl Registry {
             health,
             check,
         } = &mut *members;
-        let Some(i) = replicas
-            .iter()
-            .position(|r| Arc::ptr_eq(&r.live, &replica.live))
-        else {
+        let Some(i) = position_of(replicas, replica) else {
             return;
         };
         if health[i].passive_clients.contains(&client) {
@@ -461,13 +466,12 @@ impl Registry {
             return;
         }
         health[i].passive_clients.push(client);
-        let before = health[i].status;
-        health[i].observe(
+        apply(
+            &replicas[i],
+            &mut health[i],
             &Observation::Failure { error },
-            check.failure_threshold,
-            check.recovery_threshold,
+            check,
         );
-        note_change(&replicas[i], &mut health[i], before);
         self.publish(&members);
     }
 
