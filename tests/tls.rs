@@ -557,3 +557,71 @@ async fn a_drain_closes_tls_sessions_with_1001() {
     assert_eq!(close_code(&frame).0, 1001);
     assert!(matches!(drain, wsrouter::Drain::Complete), "{drain:?}");
 }
+
+/// A replica that accepts one upgrade and streams 64 KiB binary frames until the socket stops
+/// taking them; `written` counts what it accepted.
+async fn streaming_replica(written: Arc<std::sync::atomic::AtomicU64>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.unwrap());
+        }
+        let accept = accept_for(&String::from_utf8_lossy(&head));
+        let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
+        stream.write_all(response.as_bytes()).await.unwrap();
+        let frame = raw_frame(0x82, &[0x5a; 64 << 10], false);
+        while stream.write_all(&frame).await.is_ok() {
+            written.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_wss_client_that_stops_reading_holds_back_its_replica() {
+    let pki = Pki::new("backpressure");
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let replica = streaming_replica(written.clone()).await;
+    let router = start_always_healthy(&[format!("http://{replica}")], &router_cert(&pki)).await;
+    let mut ws = wss(router.addr, &pki).await;
+    // The client reads nothing: the stream stops at what the sockets and the router's bounded
+    // buffers hold (TLS adds rustls' 64 KiB of unsent records at most).
+    let held = bounded("the replica to be held back", async {
+        let mut last = u64::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = written.load(std::sync::atomic::Ordering::SeqCst);
+            if now == last && now > 0 {
+                return now;
+            }
+            last = now;
+        }
+    })
+    .await;
+    assert!(
+        held < 32 << 20,
+        "{held} bytes left the replica for a client that reads nothing"
+    );
+    // Reading resumes the stream, frames intact.
+    let mut read = 0u64;
+    while read < 4 * held {
+        let frame = read_frame_bounded(&mut ws).await;
+        assert!(frame.iter().all(|&b| b == 0x5a));
+        read += frame.len() as u64;
+    }
+    assert!(written.load(std::sync::atomic::Ordering::SeqCst) > held);
+}
+
+async fn read_frame_bounded(ws: &mut Client) -> Vec<u8> {
+    let frame = read(ws).await;
+    assert!(
+        matches!(frame.opcode, OpCode::Binary | OpCode::Continuation),
+        "{:?} {:?}",
+        frame.opcode,
+        String::from_utf8_lossy(&frame.payload)
+    );
+    frame.payload.to_vec()
+}

@@ -521,9 +521,13 @@ pub fn raw_frame(first_byte: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     let mask_bit = if masked { 0x80 } else { 0 };
     match payload.len() {
         len @ 0..=125 => frame.push(mask_bit | len as u8),
-        len => {
+        len @ 126..=0xffff => {
             frame.push(mask_bit | 126);
             frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
     if masked {
