@@ -1,6 +1,6 @@
 //! The router's own endpoints: `GET /health` (liveness), `GET /ready` (can it take sessions),
 //! `GET /status` (every replica, the reference router's schema plus extras) and
-//! `GET /metrics` (Prometheus text).
+//! `GET /metrics` (Prometheus text) and the status page (`GET /` or `/dashboard`).
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -76,6 +76,35 @@ pub fn status_json(proxy: &Proxy) -> Value {
 
 pub fn status(proxy: &Proxy) -> Response<Body> {
     json_response(StatusCode::OK, &status_json(proxy))
+}
+
+/// The live status page: one static file that the browser fills from /status and /metrics, so
+/// the router does no work for it beyond those two answers, and none while nobody looks.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// What the page may do in the browser: run its own inline script and style and fetch from the
+/// router, nothing else (no other origin, no frames, no forms).
+const DASHBOARD_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+     style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+pub fn dashboard() -> Response<Body> {
+    let mut response = Response::new(Body::new(Bytes::from_static(DASHBOARD.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(DASHBOARD_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 /// Prometheus label values: escape backslash, quote and newline.

@@ -1,5 +1,6 @@
 //! The service stack for one connection, and the routing at its top: the stream path goes
-//! down the admission stack; /health, /ready, /status and /metrics are answered here.
+//! down the admission stack; /health, /ready, /status, /metrics and the status page are
+//! answered here.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -116,6 +117,7 @@ where
             (&Method::GET, "/ready") => admin::ready(proxy),
             (&Method::GET, "/status") if admin_here => admin::status(proxy),
             (&Method::GET, "/metrics") if admin_here => admin::metrics(proxy),
+            (&Method::GET, "/" | "/dashboard") if admin_here => admin::dashboard(),
             _ => {
                 let request_id = request.extensions().get::<RequestId>().copied();
                 tracing::info!(
