@@ -12,7 +12,9 @@
 #
 # Everything binds 127.0.0.1, every run is bounded in time, and all processes are stopped at
 # exit. The FD limit is raised as far as the hard limit allows (20000 here): peers are sized to
-# 9000 connections. Prints a Markdown table; raw JSON lines are kept in $OUT (default load-tests/results).
+# 9000 connections. Prints a Markdown table; raw JSON lines and an SVG chart of the table
+# (matplotlib, installed with pip into target/load-tests-venv) are kept in $OUT (default
+# load-tests/results).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -260,3 +262,10 @@ measure_idle after_load
 
 echo "raw results: $RESULTS" >&2
 python3 load-tests/report.py "$RESULTS"
+# The chart next to the raw results, drawn by matplotlib from a private venv (set up once).
+VENV=target/load-tests-venv
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import matplotlib" 2>/dev/null; then
+  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib >&2 ||
+    { echo "compare.sh: no matplotlib (python3 -m venv and pip needed); no chart drawn" >&2; exit 0; }
+fi
+"$VENV/bin/python" load-tests/report.py "$RESULTS" --svg "${RESULTS%.jsonl}.svg" | grep '^chart:' >&2
