@@ -208,6 +208,8 @@ pub struct Replica {
     pub weight: f64,
     /// Capacity; `None` means no limit.
     pub max_sessions: Option<usize>,
+    /// Takes no new sessions; its live ones run on (a rollout).
+    pub drain: bool,
 }
 
 /// An address block, `10.0.0.0/8` or `::1/128`; a bare address is a block of one.
@@ -520,6 +522,8 @@ pub mod file {
         pub weight: f64,
         #[serde(default)]
         pub max_sessions: Option<usize>,
+        #[serde(default)]
+        pub drain: bool,
         /// Overrides `[upstream_tls]` for this replica (https:// only).
         #[serde(default)]
         pub tls: Option<UpstreamTls>,
@@ -1054,6 +1058,7 @@ fn replicas(
             primary: entry.primary,
             weight: entry.weight,
             max_sessions: entry.max_sessions,
+            drain: entry.drain,
         });
     }
     Ok(replicas)

@@ -39,6 +39,10 @@ pub struct Replica {
     pub weight: f64,
     /// Capacity; `usize::MAX` when the config sets none.
     pub max_sessions: usize,
+    /// Takes no new sessions; live ones run on (`drain = true`, or removed from the config).
+    pub draining: bool,
+    /// No longer in the config: kept only until its last session ends.
+    pub removed: bool,
     live: Arc<Live>,
 }
 
@@ -85,7 +89,27 @@ impl Replica {
             primary: config.primary,
             weight: config.weight,
             max_sessions: config.max_sessions.unwrap_or(usize::MAX),
+            draining: config.drain,
+            removed: false,
             live,
+        }
+    }
+
+    /// This replica after a reload removed it from the config: draining, until its last
+    /// session ends.
+    fn removed(&self, index: usize) -> Replica {
+        Replica {
+            index,
+            name: self.name.clone(),
+            url: self.url.clone(),
+            authority: self.authority.clone(),
+            tls: self.tls.clone(),
+            primary: false,
+            weight: self.weight,
+            max_sessions: self.max_sessions,
+            draining: true,
+            removed: true,
+            live: self.live.clone(),
         }
     }
 
@@ -285,6 +309,27 @@ fn apply(replica: &Replica, health: &mut Health, observation: &Observation, chec
     note_change(replica, health, before);
 }
 
+/// Drop removed replicas whose last session has ended; whether any was dropped. Run with every
+/// batch of probe results, so a drained replica leaves within a probe interval.
+fn drop_finished(members: &mut Members) -> bool {
+    if !members.replicas.iter().any(|r| r.removed) {
+        return false;
+    }
+    let before = members.replicas.len();
+    (members.replicas, members.health) = std::mem::take(&mut members.replicas)
+        .into_iter()
+        .zip(std::mem::take(&mut members.health))
+        .filter(|(replica, _)| {
+            let drained = replica.removed && replica.active_sessions() == 0;
+            if drained {
+                tracing::info!(replica = %replica.name, "removed replica has no sessions left; dropped");
+            }
+            !drained
+        })
+        .unzip();
+    members.replicas.len() != before
+}
+
 /// Log a status change and note its time.
 fn note_change(replica: &Replica, health: &mut Health, before: Status) {
     let after = health.status;
@@ -317,11 +362,12 @@ pub struct ReplicaState {
 impl ReplicaState {
     /// Whether new sessions may be sent here.
     pub fn selectable(&self) -> bool {
-        self.health.status == Status::Healthy
+        self.health.status == Status::Healthy && !self.replica.draining
     }
 }
 
-/// An immutable view of every replica, in config order.
+/// An immutable view of every replica: config order, then replicas a reload removed that still
+/// have sessions.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub replicas: Vec<ReplicaState>,
@@ -345,7 +391,10 @@ struct Members {
 #[derive(Debug, Default, PartialEq)]
 pub struct Changes {
     pub added: Vec<String>,
+    /// Gone from the config (those with live sessions drain: see [`Changes::draining`]).
     pub removed: Vec<String>,
+    /// Removed, but kept (draining) until their live sessions end.
+    pub draining: Vec<String>,
     /// Kept (same url), with their health state and counters.
     pub kept: Vec<String>,
 }
@@ -367,7 +416,9 @@ impl Registry {
 
     /// Take a new config's replica set and health settings. A replica whose url was already
     /// known keeps its health state, counters and live sessions; settings (name, weight,
-    /// primary, capacity) come from the new config.
+    /// primary, capacity, drain) come from the new config. A replica the config no longer
+    /// lists stays, draining, while it has sessions (they run on; it is still probed, so
+    /// `close_on_unhealthy` still applies), and is dropped when the last one ends.
     pub fn reconfigure(&self, config: &Config) -> Changes {
         let mut members = self.members.lock().unwrap();
         let mut changes = Changes::default();
@@ -388,12 +439,19 @@ impl Registry {
             replicas.push(replica);
             health.push(state);
         }
-        changes.removed = members
-            .replicas
-            .iter()
-            .filter(|old| !replicas.iter().any(|r| r.url == old.url))
-            .map(|old| old.name.clone())
-            .collect();
+        for (old, state) in members.replicas.iter().zip(&members.health) {
+            if replicas.iter().any(|r| r.url == old.url) {
+                continue;
+            }
+            if !old.removed {
+                changes.removed.push(old.name.clone());
+            }
+            if old.active_sessions() > 0 {
+                changes.draining.push(old.name.clone());
+                replicas.push(Arc::new(old.removed(replicas.len())));
+                health.push(state.clone());
+            }
+        }
         members.replicas = replicas;
         members.health = health;
         members.check = config.health_check.clone();
@@ -440,7 +498,12 @@ impl Registry {
                 apply(&replicas[i], &mut health[i], &observation, check);
             }
         }
+        let dropped = drop_finished(&mut members);
         self.publish(&members);
+        drop(members);
+        if dropped {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Apply one observation.
@@ -571,6 +634,101 @@ mod tests {
         assert_eq!(h.status, Status::Healthy);
         assert!(h.last_ok_at.is_some());
         assert_eq!(h.consecutive_failures, 0);
+    }
+
+    fn config(replicas: &[(&str, bool)]) -> Config {
+        let text: String = replicas
+            .iter()
+            .map(|(url, drain)| format!("[[replicas]]\nurl = \"{url}\"\ndrain = {drain}\n"))
+            .collect();
+        Config::parse(&text).unwrap()
+    }
+
+    fn healthy(registry: &Registry) {
+        registry.observe_all(registry.replicas().into_iter().map(|r| (r, ok())));
+    }
+
+    fn listed(registry: &Registry) -> Vec<(String, bool, bool, bool)> {
+        registry
+            .snapshot()
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.replica.url.clone(),
+                    r.selectable(),
+                    r.replica.draining,
+                    r.replica.removed,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_draining_replica_takes_no_sessions_and_a_reload_can_undo_it() {
+        let (a, b) = ("http://127.0.0.1:1", "http://127.0.0.1:2");
+        let registry = Registry::new(&config(&[(a, false), (b, true)]));
+        healthy(&registry);
+        assert_eq!(
+            listed(&registry),
+            [
+                (a.into(), true, false, false),
+                (b.into(), false, true, false)
+            ]
+        );
+        registry.reconfigure(&config(&[(a, false), (b, false)]));
+        assert_eq!(listed(&registry)[1], (b.into(), true, false, false));
+    }
+
+    #[test]
+    fn a_removed_replica_stays_draining_until_its_last_session_ends() {
+        let (a, b, c) = (
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            "http://127.0.0.1:3",
+        );
+        let registry = Registry::new(&config(&[(a, false), (b, false), (c, false)]));
+        healthy(&registry);
+        let session = registry.replicas()[1].try_reserve_session().unwrap();
+        let changes = registry.reconfigure(&config(&[(a, false)]));
+        assert_eq!(changes.removed, ["127.0.0.1:2", "127.0.0.1:3"]);
+        assert_eq!(changes.draining, ["127.0.0.1:2"]);
+        // The one with a session stays, draining, with its health; the other is gone.
+        assert_eq!(
+            listed(&registry),
+            [
+                (a.into(), true, false, false),
+                (b.into(), false, true, true)
+            ]
+        );
+        assert_eq!(
+            registry.snapshot().replicas[1].health.status,
+            Status::Healthy
+        );
+        // Probe results keep it while the session lives...
+        healthy(&registry);
+        assert_eq!(listed(&registry).len(), 2);
+        // ...a second reload that still omits it does not count it as removed again...
+        let again = registry.reconfigure(&config(&[(a, false)]));
+        assert!(again.removed.is_empty(), "{again:?}");
+        assert_eq!(again.draining, ["127.0.0.1:2"]);
+        // ...and the first probe results after its last session ended drop it.
+        drop(session);
+        healthy(&registry);
+        assert_eq!(listed(&registry), [(a.into(), true, false, false)]);
+    }
+
+    #[test]
+    fn a_removed_replica_that_comes_back_keeps_its_sessions_and_health() {
+        let (a, b) = ("http://127.0.0.1:1", "http://127.0.0.1:2");
+        let registry = Registry::new(&config(&[(a, false), (b, false)]));
+        healthy(&registry);
+        let _session = registry.replicas()[1].try_reserve_session().unwrap();
+        registry.reconfigure(&config(&[(a, false)]));
+        let changes = registry.reconfigure(&config(&[(a, false), (b, false)]));
+        assert_eq!(changes.kept.len(), 2, "{changes:?}");
+        assert_eq!(listed(&registry)[1], (b.into(), true, false, false));
+        assert_eq!(registry.replicas()[1].active_sessions(), 1);
     }
 
     #[test]

@@ -67,6 +67,7 @@ impl Reloader {
         tracing::info!(
             added = %changes.added.join(","),
             removed = %changes.removed.join(","),
+            draining = %changes.draining.join(","),
             kept = changes.kept.len(),
             "config reloaded"
         );

@@ -91,14 +91,93 @@ async fn a_changed_file_is_applied_keeping_health_and_live_sessions() {
         "new sessions follow the new config"
     );
 
-    // a removed from the config: its live session is untouched.
+    // a removed from the config: it takes no new sessions, its live one is untouched, and it
+    // stays listed, draining, until that session ends.
     std::fs::write(&w.path, config_text(&[(&b, true)], "")).unwrap();
-    until("the second reload", || names(&w.router).len() == 1).await;
+    until("the second reload", || {
+        let snapshot = w.router.registry.snapshot();
+        snapshot.replicas.len() == 2 && snapshot.replicas[1].replica.removed
+    })
+    .await;
     echo_once(
         &mut on_a,
         b"a is gone from the config, not from this session",
     )
     .await;
+    let status = raw_http(w.router.addr, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let body: serde_json::Value =
+        serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let listed = &body["replicas"][1];
+    assert_eq!(
+        (
+            &listed["url"],
+            &listed["draining"],
+            &listed["removed"],
+            &listed["active_sessions"]
+        ),
+        (
+            &serde_json::json!(a.url()),
+            &serde_json::json!(true),
+            &serde_json::json!(true),
+            &serde_json::json!(1)
+        ),
+        "{body}"
+    );
+    let _also_on_b = connect(w.router.addr).await;
+    assert_eq!((a.open_sessions(), b.open_sessions()), (1, 2));
+    drop(on_a);
+    until("the drained replica to leave", || {
+        names(&w.router) == ["r0"]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn drain_true_turns_new_sessions_away_and_lets_live_ones_run() {
+    let (a, b) = (
+        EchoReplica::start().await.unwrap(),
+        EchoReplica::start().await.unwrap(),
+    );
+    let w = watched(&config_text(&[(&a, true), (&b, false)], "")).await;
+    w.router.wait_status(0, Status::Healthy).await;
+    w.router.wait_status(1, Status::Healthy).await;
+    let mut on_a = connect(w.router.addr).await;
+    assert_eq!(a.open_sessions(), 1);
+
+    let drained = config_text(&[(&a, true), (&b, false)], "").replacen(
+        "primary = true\n",
+        "primary = true\ndrain = true\n",
+        1,
+    );
+    std::fs::write(&w.path, drained).unwrap();
+    until("the reload", || {
+        w.router.registry.snapshot().replicas[0].replica.draining
+    })
+    .await;
+    let _on_b = connect(w.router.addr).await;
+    assert_eq!(
+        (a.open_sessions(), b.open_sessions()),
+        (1, 1),
+        "the draining primary takes no new session"
+    );
+    echo_once(&mut on_a, b"a drains; this session runs on").await;
+    let metrics = raw_http(w.router.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        metrics.contains("wsrouter_replica_draining{replica=\"r0\"} 1")
+            && metrics.contains("wsrouter_replica_draining{replica=\"r1\"} 0"),
+        "{metrics}"
+    );
+    // Still probed, still listed after its last session: it is in the config.
+    drop(on_a);
+    until("a's session to end", || {
+        w.router.registry.snapshot().replicas[0]
+            .replica
+            .active_sessions()
+            == 0
+    })
+    .await;
+    assert_eq!(names(&w.router), ["r0", "r1"]);
+    assert_eq!(w.router.status_of(0), Status::Healthy);
 }
 
 #[tokio::test]

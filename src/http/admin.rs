@@ -52,6 +52,8 @@ pub fn status_json(proxy: &Proxy) -> Value {
                 "primary": r.replica.primary,
                 "weight": r.replica.weight,
                 "status": r.health.status.as_str(),
+                "draining": r.replica.draining,
+                "removed": r.replica.removed,
                 "last_ok_at": r.health.last_ok_at,
                 "last_latency_ms": r.health.last_latency_ms,
                 "consecutive_failures": r.health.consecutive_failures,
@@ -161,7 +163,7 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
     let stats = &proxy.metrics;
     let mut out = String::with_capacity(16 * 1024);
     type Value = fn(&ReplicaState) -> f64;
-    let per_replica: [(&str, &str, &str, Value); 5] = [
+    let per_replica: [(&str, &str, &str, Value); 6] = [
         (
             "wsrouter_replica_sessions_active",
             "gauge",
@@ -177,8 +179,14 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
         (
             "wsrouter_replica_up",
             "gauge",
-            "1 if the replica is healthy (selectable), else 0.",
+            "1 if the replica is healthy and not draining (selectable), else 0.",
             |r| f64::from(u8::from(r.selectable())),
+        ),
+        (
+            "wsrouter_replica_draining",
+            "gauge",
+            "1 if the replica takes no new sessions (drain = true, or removed from the config with sessions left).",
+            |r| f64::from(u8::from(r.replica.draining)),
         ),
         (
             "wsrouter_replica_consecutive_failures",
