@@ -152,6 +152,19 @@ pub struct Limits {
     pub connect_timeout: Duration,
     pub close_timeout: Duration,
     pub drain_timeout: Duration,
+    pub drain_mode: DrainMode,
+}
+
+/// What a stopping router (SIGTERM, SIGINT) does with its live sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainMode {
+    /// Close 1001 on both sides of every session at once, then wait up to drain_timeout.
+    #[default]
+    Close,
+    /// Let sessions end on their own for up to drain_timeout, then close the rest with 1001
+    /// (and wait up to close_timeout for their Close replies).
+    Wait,
 }
 
 /// How sessions are spread over the replicas of one tier (primaries first, then the rest).
@@ -316,7 +329,7 @@ pub mod file {
 
     use serde::Deserialize;
 
-    use super::{defaults, LogFormat, Policy, StickyKey};
+    use super::{defaults, DrainMode, LogFormat, Policy, StickyKey};
 
     #[derive(Debug, Clone, Default, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -452,6 +465,7 @@ pub mod file {
         pub connect_timeout_seconds: f64,
         pub close_timeout_seconds: f64,
         pub drain_timeout_seconds: f64,
+        pub drain_mode: DrainMode,
     }
 
     impl Default for Limits {
@@ -466,6 +480,7 @@ pub mod file {
                 connect_timeout_seconds: defaults::CONNECT_TIMEOUT_SECONDS,
                 close_timeout_seconds: defaults::CLOSE_TIMEOUT_SECONDS,
                 drain_timeout_seconds: defaults::DRAIN_TIMEOUT_SECONDS,
+                drain_mode: DrainMode::default(),
             }
         }
     }
@@ -882,6 +897,7 @@ fn limits(file: &file::Limits) -> Result<Limits, ConfigError> {
             "limits.drain_timeout_seconds",
             file.drain_timeout_seconds,
         )?,
+        drain_mode: file.drain_mode,
     })
 }
 

@@ -45,14 +45,14 @@ impl Reloader {
         registry: Arc<Registry>,
         proxy: Arc<Proxy>,
         metrics: Arc<Metrics>,
-        config: Config,
+        running: Arc<Mutex<Config>>,
         limits: (usize, usize),
     ) -> Reloader {
         Reloader {
             registry,
             proxy,
             metrics,
-            running: Arc::new(Mutex::new(config)),
+            running,
             limits,
         }
     }
@@ -82,37 +82,13 @@ impl Reloader {
 
     /// Settings that only a restart changes: say so, naming old and new, when they changed.
     fn warn_about_fixed_settings(&self, running: &Config, new: &Config) {
-        let (old_listen, new_listen) = (&running.listen, &new.listen);
-        if old_listen.addr != new_listen.addr {
-            tracing::warn!(running = %old_listen.addr, configured = %new_listen.addr, "listen address changed in the config; it takes effect on restart");
-        }
-        if old_listen.tls.is_some() != new_listen.tls.is_some() {
-            let show = |on: bool| if on { "tls" } else { "plain" };
-            tracing::warn!(running = show(old_listen.tls.is_some()), configured = show(new_listen.tls.is_some()), "listen.tls added or removed in the config; it takes effect on restart (a changed certificate applies now)");
-        }
-        if old_listen.workers != new_listen.workers {
-            let show = |w: Option<usize>| w.map_or("one per core".to_string(), |w| w.to_string());
-            tracing::warn!(running = %show(old_listen.workers), configured = %show(new_listen.workers), "listen.workers changed in the config; it takes effect on restart");
-        }
-        if running.admin != new.admin {
-            let show = |a: &Option<crate::config::Admin>| {
-                a.as_ref().map_or("-".to_string(), |a| a.addr.to_string())
-            };
-            tracing::warn!(running = %show(&running.admin), configured = %show(&new.admin), "admin.listen changed in the config; it takes effect on restart");
-        }
-        let (connections, sessions) = self.limits;
-        if !new.limits.connections_by_default && new.limits.max_connections != connections {
+        for change in fixed_setting_changes(running, new, self.limits) {
             tracing::warn!(
-                running = connections,
-                configured = new.limits.max_connections,
-                "limits.max_connections changed in the config; it takes effect on restart"
-            );
-        }
-        if !new.limits.sessions_by_default && new.limits.max_sessions != sessions {
-            tracing::warn!(
-                running = sessions,
-                configured = new.limits.max_sessions,
-                "limits.max_sessions changed in the config; it takes effect on restart"
+                setting = change.setting,
+                running = %change.running,
+                configured = %change.configured,
+                "{} changed in the config; it takes effect on restart",
+                change.setting
             );
         }
     }
@@ -184,6 +160,76 @@ impl Reloader {
     }
 }
 
+/// A setting that only a restart changes, changed in a reloaded config.
+#[derive(Debug, PartialEq)]
+struct FixedChange {
+    setting: &'static str,
+    running: String,
+    configured: String,
+}
+
+/// What a reload of `new` over `running` changes that needs a restart, compared by the values
+/// in effect (workers left unset equal one per core; limits left at their defaults equal
+/// the `limits` the router fitted at start), so nothing that did not change is reported.
+fn fixed_setting_changes(
+    running: &Config,
+    new: &Config,
+    (max_connections, max_sessions): (usize, usize),
+) -> Vec<FixedChange> {
+    let mut changes = Vec::new();
+    let mut compare = |setting, running: String, configured: String| {
+        if running != configured {
+            changes.push(FixedChange {
+                setting,
+                running,
+                configured,
+            });
+        }
+    };
+    compare(
+        "listen address",
+        running.listen_addr().to_string(),
+        new.listen_addr().to_string(),
+    );
+    let tls = |config: &Config| {
+        if config.listen.tls.is_some() {
+            "tls"
+        } else {
+            "plain"
+        }
+        .to_string()
+    };
+    // A changed certificate applies now; turning TLS on or off does not.
+    compare("listen.tls", tls(running), tls(new));
+    compare(
+        "listen.workers",
+        running.workers().to_string(),
+        new.workers().to_string(),
+    );
+    let admin = |config: &Config| {
+        config
+            .admin
+            .as_ref()
+            .map_or("-".to_string(), |a| a.addr.to_string())
+    };
+    compare("admin.listen", admin(running), admin(new));
+    if !new.limits.connections_by_default {
+        compare(
+            "limits.max_connections",
+            max_connections.to_string(),
+            new.limits.max_connections.to_string(),
+        );
+    }
+    if !new.limits.sessions_by_default {
+        compare(
+            "limits.max_sessions",
+            max_sessions.to_string(),
+            new.limits.max_sessions.to_string(),
+        );
+    }
+    changes
+}
+
 /// The config file's contents and those of every TLS file it names (`None`: unreadable).
 type Looked = (Vec<u8>, Vec<(PathBuf, Option<Vec<u8>>)>);
 
@@ -199,4 +245,43 @@ fn look(path: &Path) -> std::io::Result<Looked> {
         })
         .collect();
     Ok((text, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(&format!(
+            "{extra}\n[[replicas]]\nurl = \"http://127.0.0.1:8001\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_settings_that_really_changed_are_reported_with_old_and_new_values() {
+        let running = config("[listen]\nport = 9000");
+        let cores = running.workers();
+        // Equal in effect: nothing to say.
+        let same = config(&format!(
+            "[listen]\nport = 9000\nworkers = {cores}\nstream_path = \"/other\"\n[balance]\npolicy = \"round_robin\""
+        ));
+        assert_eq!(fixed_setting_changes(&running, &same, (100, 50)), []);
+        let moved = config(
+            "[listen]\nport = 9001\n[admin]\nlisten = \"127.0.0.1:9901\"\n[limits]\nmax_sessions = 40",
+        );
+        let changes = fixed_setting_changes(&running, &moved, (100, 50));
+        let named: Vec<_> = changes
+            .iter()
+            .map(|c| (c.setting, c.running.as_str(), c.configured.as_str()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("listen address", "0.0.0.0:9000", "0.0.0.0:9001"),
+                ("admin.listen", "-", "127.0.0.1:9901"),
+                ("limits.max_sessions", "50", "40"),
+            ]
+        );
+    }
 }

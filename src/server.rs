@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::admission::{self, ConnectionGate, SessionGate};
-use crate::config::Config;
+use crate::config::{Config, DrainMode};
 use crate::health::{self, HttpProbe, Probe};
 use crate::http::{Endpoints, Proxy};
 use crate::metrics::{Label, Metrics};
@@ -39,7 +39,12 @@ pub struct Router {
     proxy: Arc<Proxy>,
     probe: Arc<dyn Probe>,
     config: Config,
+    /// The config in force, shared with every reloader (the drain reads it when it starts).
+    running: Arc<std::sync::Mutex<Config>>,
+    /// Stop accepting and admitting.
     shutdown: watch::Sender<bool>,
+    /// Close every session with 1001.
+    close_all: watch::Sender<bool>,
     connections: Arc<ConnectionGate>,
     metrics: Arc<Metrics>,
 }
@@ -91,6 +96,7 @@ impl Router {
         };
         let registry = Arc::new(Registry::new(&config));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (close_all, close_all_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::default());
         let connections = ConnectionGate::new(
             max_connections,
@@ -105,6 +111,7 @@ impl Router {
             connections.clone(),
             metrics.clone(),
             shutdown_rx,
+            close_all_rx,
         ));
         Ok(Router {
             listener,
@@ -113,8 +120,10 @@ impl Router {
             registry,
             proxy,
             probe,
+            running: Arc::new(std::sync::Mutex::new(config.clone())),
             config,
             shutdown,
+            close_all,
             connections,
             metrics,
         })
@@ -151,13 +160,15 @@ impl Router {
             self.registry.clone(),
             self.proxy.clone(),
             self.metrics.clone(),
-            self.config.clone(),
+            self.running.clone(),
             self.limits(),
         )
     }
 
-    /// Serve until `shutdown` resolves; then stop accepting, send 1001 to both sides of every
-    /// session, and return once they are closed or the drain timeout has passed.
+    /// Serve until `shutdown` resolves; then stop accepting and drain as `limits.drain_mode`
+    /// (of the config in force then) says: send 1001 to both sides of every session at once,
+    /// or let sessions end on their own for up to the drain timeout and close the rest then.
+    /// Returns once every session is closed or the time is up.
     ///
     /// The calling runtime is worker 0: it accepts, serves sessions, runs the health loop and
     /// the admin listener. Each further worker is a thread with its own single-threaded
@@ -207,23 +218,20 @@ impl Router {
             }
             Err(error) => tracing::error!(%error, "cannot register the listener; not accepting"),
         }
-        let open = self.proxy.sessions.active();
-        tracing::info!(sessions = open, "shutting down: closing sessions with 1001");
         let _ = self.shutdown.send(true);
-        let drain_timeout = self.config.limits.drain_timeout;
-        let drain = match tokio::time::timeout(drain_timeout, self.proxy.sessions.drained()).await {
-            Ok(()) => Drain::Complete,
-            Err(_) => Drain::TimedOut {
-                sessions_left: self.proxy.sessions.active(),
-            },
-        };
+        let limits = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .limits
+            .clone();
+        let drain = drain(&self.proxy.sessions, &self.close_all, &limits).await;
         health.abort();
         if let Some(admin) = admin {
             admin.abort();
         }
         drain
     }
-
     /// Start worker thread `index`: it accepts until shutdown is signalled, keeps serving its
     /// sessions while they drain, and drops them when `alive` closes.
     fn spawn_worker(&self, index: usize, mut alive: watch::Receiver<()>) -> io::Result<()> {
@@ -265,6 +273,46 @@ impl Router {
     }
 }
 
+/// Close the sessions as `limits.drain_mode` says; see [`Router::serve`].
+async fn drain(
+    sessions: &SessionGate,
+    close_all: &watch::Sender<bool>,
+    limits: &crate::config::Limits,
+) -> Drain {
+    let within = |timeout| async move {
+        match tokio::time::timeout(timeout, sessions.drained()).await {
+            Ok(()) => Drain::Complete,
+            Err(_) => Drain::TimedOut {
+                sessions_left: sessions.active(),
+            },
+        }
+    };
+    let open = sessions.active();
+    match limits.drain_mode {
+        DrainMode::Close => {
+            tracing::info!(sessions = open, "shutting down: closing sessions with 1001");
+            let _ = close_all.send(true);
+            within(limits.drain_timeout).await
+        }
+        DrainMode::Wait => {
+            tracing::info!(
+                sessions = open,
+                timeout_seconds = limits.drain_timeout.as_secs_f64(),
+                "shutting down: waiting for sessions to end"
+            );
+            if let Drain::Complete = within(limits.drain_timeout).await {
+                return Drain::Complete;
+            }
+            tracing::info!(
+                sessions = sessions.active(),
+                "drain timeout passed: closing the remaining sessions with 1001"
+            );
+            let _ = close_all.send(true);
+            within(limits.close_timeout).await
+        }
+    }
+}
+
 /// How many connections may wait for accept(2); the kernel caps it at net.core.somaxconn.
 const LISTEN_BACKLOG: u32 = 4096;
 
@@ -275,6 +323,8 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // A new instance can bind the same address while this one drains: a restart drops nothing.
+    socket.set_reuseport(true)?;
     // Every accepted connection inherits these: no system calls for them per connection.
     crate::net::prepare_socket(&socket)?;
     socket.bind(addr)?;

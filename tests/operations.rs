@@ -232,3 +232,103 @@ fn version_names_the_commit() {
         "{text}"
     );
 }
+
+/// Poll the admin listener's /ready until it says draining: the router has stopped accepting.
+async fn until_draining(admin: std::net::SocketAddr) {
+    bounded("a draining /ready", async {
+        loop {
+            let answer = raw_http(admin, "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            if answer.contains("draining") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_new_instance_takes_over_the_address_while_the_old_one_waits_for_its_sessions() {
+    let replica = wsrouter::echo::EchoReplica::start().await.unwrap();
+    let wait = "[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\ndrain_mode = \"wait\"\ndrain_timeout_seconds = 30";
+    let mut old = TestRouter::start(config(
+        &[replica.url()],
+        &format!("[listen]\nworkers = 1\n{wait}"),
+    ))
+    .await;
+    old.wait_status(0, Status::Healthy).await;
+    let mut long_session = connect(old.addr).await;
+    echo_once(&mut long_session, b"on the old instance").await;
+
+    // The same address, bound while the old instance still listens (SO_REUSEPORT).
+    let new = TestRouter::start(config(
+        &[replica.url()],
+        &format!("[listen]\nport = {}\nworkers = 1\n{wait}", old.addr.port()),
+    ))
+    .await;
+    assert_eq!(new.addr, old.addr);
+    new.wait_status(0, Status::Healthy).await;
+
+    let old_admin = old.admin.unwrap();
+    let old_registry = old.registry.clone();
+    let stopping = tokio::spawn(async move { old.shutdown().await });
+    until_draining(old_admin).await;
+    // Every new session now lands on the new instance...
+    let mut fresh = Vec::new();
+    for _ in 0..5 {
+        let mut ws = connect(new.addr).await;
+        echo_once(&mut ws, b"on the new instance").await;
+        fresh.push(ws);
+    }
+    assert_eq!(
+        new.registry.snapshot().replicas[0]
+            .replica
+            .active_sessions(),
+        5
+    );
+    // ...and the old one's session runs on, with no 1001, until its client ends it.
+    echo_once(&mut long_session, b"still on the old instance").await;
+    assert!(!stopping.is_finished());
+    assert_eq!(
+        old_registry.snapshot().replicas[0]
+            .replica
+            .active_sessions(),
+        1
+    );
+    long_session
+        .write_frame(Frame::close(1000, b"done"))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&read(&mut long_session).await).0, 1000);
+    assert_eq!(
+        bounded("the old instance to finish", stopping)
+            .await
+            .unwrap(),
+        wsrouter::Drain::Complete
+    );
+}
+
+#[tokio::test]
+async fn drain_mode_wait_closes_what_is_left_with_1001_at_the_drain_timeout() {
+    let (_replica, mut router) = single_echo(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\ndrain_mode = \"wait\"\ndrain_timeout_seconds = 0.5",
+    )
+    .await;
+    let mut ws = connect(router.addr).await;
+    echo_once(&mut ws, b"before the stop").await;
+    let admin = router.admin.unwrap();
+    let stopping = tokio::spawn(async move { router.shutdown().await });
+    until_draining(admin).await;
+    let since = std::time::Instant::now();
+    echo_once(&mut ws, b"the session runs on while the router drains").await;
+    assert_eq!(close_code(&read(&mut ws).await).0, 1001);
+    assert!(
+        since.elapsed() >= Duration::from_millis(300),
+        "1001 came {:?} into a 500 ms drain",
+        since.elapsed()
+    );
+    assert_eq!(
+        bounded("the drain", stopping).await.unwrap(),
+        wsrouter::Drain::Complete
+    );
+}

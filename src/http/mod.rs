@@ -116,6 +116,7 @@ pub(crate) struct Proxy {
     pub sessions: Arc<SessionGate>,
     pub session_context: Arc<SessionContext>,
     pub metrics: Arc<Metrics>,
+    /// Turns true when the router stops: no new connections or sessions, /ready says draining.
     pub shutdown: watch::Receiver<bool>,
     /// Whether /status and /metrics are on the public listener.
     pub public_admin: bool,
@@ -131,6 +132,7 @@ impl Proxy {
         connections: Arc<crate::admission::ConnectionGate>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
+        close_all: watch::Receiver<bool>,
     ) -> Proxy {
         Proxy {
             registry,
@@ -139,7 +141,7 @@ impl Proxy {
             session_context: Arc::new(SessionContext {
                 settings: ArcSwap::from_pointee(session_settings(config)),
                 metrics: metrics.clone(),
-                shutdown: shutdown.clone(),
+                close_all,
             }),
             metrics,
             shutdown,

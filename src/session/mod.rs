@@ -40,7 +40,8 @@ pub struct SessionSettings {
 pub struct SessionContext {
     pub settings: ArcSwap<SessionSettings>,
     pub metrics: Arc<Metrics>,
-    pub shutdown: watch::Receiver<bool>,
+    /// Turns true when the stopping router closes every session with 1001.
+    pub close_all: watch::Receiver<bool>,
 }
 
 /// Who a session (or a refused upgrade) is for, as the access log names it, and since when.
@@ -136,7 +137,7 @@ fn stop_signal(
     context: &SessionContext,
     replica: &Replica,
 ) -> impl Future<Output = CloseReason> + Send + 'static {
-    let mut shutdown = context.shutdown.clone();
+    let mut close_all = context.close_all.clone();
     let settings = context.settings.load();
     let status = settings.close_on_unhealthy.then(|| replica.watch_status());
     let lifetime = settings.max_lifetime;
@@ -152,7 +153,7 @@ fn stop_signal(
             }
         };
         tokio::select! {
-            _ = shutdown.wait_for(|stopping| *stopping) => CloseReason::Shutdown,
+            _ = close_all.wait_for(|closing| *closing) => CloseReason::Shutdown,
             stop = optional => stop,
         }
     }
@@ -327,7 +328,7 @@ mod budget {
         let localhost: IpAddr = "127.0.0.1".parse().unwrap();
         let connection = Arc::new(connections.admit(localhost).ok().unwrap());
         let permit = gate.acquire(crate::client::ClientKey::from(localhost)).ok();
-        let (_shutdown, shutdown_rx) = watch::channel(false);
+        let (_close_all, close_all) = watch::channel(false);
         let context = Arc::new(SessionContext {
             settings: ArcSwap::from_pointee(SessionSettings {
                 limits: SessionLimits {
@@ -340,7 +341,7 @@ mod budget {
                 stream_path: "/v1/stream".into(),
             }),
             metrics: Arc::new(Metrics::default()),
-            shutdown: shutdown_rx,
+            close_all,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
