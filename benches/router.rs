@@ -119,6 +119,7 @@ fn bench_selection(c: &mut Criterion) {
     // Every other replica healthy; the primary (last) healthy too.
     let ok = Observation::Success {
         latency: Duration::from_millis(1),
+        report: None,
     };
     let replicas = registry.replicas();
     registry.observe_all(

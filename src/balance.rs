@@ -68,7 +68,7 @@ impl Balancer {
         snapshot: &'s Snapshot,
         session_key: Option<&str>,
     ) -> Result<Vec<&'s ReplicaState>, NoCandidate> {
-        let usable = |r: &&ReplicaState| r.selectable() && !r.replica.is_full();
+        let usable = |r: &&ReplicaState| r.selectable() && !r.is_full();
         let mut order: Vec<&ReplicaState> = Vec::with_capacity(snapshot.replicas.len());
         for primary_tier in [true, false] {
             let start = order.len();
@@ -122,7 +122,7 @@ fn order_by_rendezvous(tier: &mut [&ReplicaState], key: &str) {
 }
 
 fn load(r: &ReplicaState) -> f64 {
-    r.replica.active_sessions() as f64 / r.replica.weight
+    r.load() as f64 / r.replica.weight
 }
 
 /// Weighted rendezvous score of `key` on a replica: the highest score wins. With h uniform in
@@ -167,7 +167,7 @@ fn weighted_pick(tier: &[&ReplicaState], turn: u64) -> usize {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::registry::{Observation, Registry, SessionGuard};
+    use crate::registry::{Observation, Registry, Report, SessionGuard};
     use std::time::Duration;
 
     fn registry(primary: Option<usize>, weights: &[f64], extra: &str) -> Registry {
@@ -185,6 +185,7 @@ mod tests {
     fn set_healthy(reg: &Registry, healthy: &[usize]) {
         let ok = Observation::Success {
             latency: Duration::ZERO,
+            report: None,
         };
         reg.observe_all(
             healthy
@@ -238,6 +239,71 @@ mod tests {
         assert_eq!(
             order(&Balancer::new(Policy::Failover, None), &reg),
             vec![1, 2]
+        );
+    }
+
+    /// `replica` answers its probe with `report`.
+    fn report(reg: &Registry, replica: usize, report: Report) {
+        reg.observe(
+            &reg.replicas()[replica],
+            Observation::Success {
+                latency: Duration::ZERO,
+                report: Some(report),
+            },
+        );
+    }
+
+    #[test]
+    fn reported_load_orders_least_sessions_and_fills_capacity() {
+        let reg = registry(None, &[1.0, 1.0, 1.0], "");
+        set_healthy(&reg, &[0, 1, 2]);
+        let sessions = |n| Report {
+            sessions: Some(n),
+            ..Report::default()
+        };
+        // Other routers' sessions count: r0 carries 7, r1 3, r2 5.
+        report(&reg, 0, sessions(7));
+        report(&reg, 1, sessions(3));
+        report(&reg, 2, sessions(5));
+        let balancer = Balancer::new(Policy::LeastSessions, None);
+        assert_eq!(order(&balancer, &reg), vec![1, 2, 0]);
+        // Sessions this router opens after the report add to it until the next one, and
+        // those it ends come off.
+        let mut held = hold(&reg, 1, 3);
+        assert_eq!(order(&balancer, &reg), vec![2, 1, 0]);
+        held.truncate(1);
+        assert_eq!(order(&balancer, &reg), vec![1, 2, 0]);
+        held.extend(hold(&reg, 1, 2));
+        // The replica's own capacity: r2 full at 5 of 5; r0 draining by its own word.
+        report(
+            &reg,
+            2,
+            Report {
+                sessions: Some(5),
+                max_sessions: Some(5),
+                draining: false,
+            },
+        );
+        report(
+            &reg,
+            0,
+            Report {
+                draining: true,
+                ..sessions(7)
+            },
+        );
+        assert_eq!(order(&balancer, &reg), vec![1]);
+        report(
+            &reg,
+            1,
+            Report {
+                max_sessions: Some(6),
+                ..sessions(6)
+            },
+        );
+        assert_eq!(
+            balancer.candidates(&reg.snapshot(), None).unwrap_err(),
+            NoCandidate::AllAtCapacity
         );
     }
 

@@ -1,6 +1,7 @@
 //! An in-process echo replica: `GET /health` and a WebSocket at `/v1/stream` that sends every
 //! frame back as it came (same type, same fragmentation). Used by `wsrouter demo`, the tests
-//! and the load tools.
+//! and the load tools. Its health answer reports its load as the reference streaming server
+//! does: `{"status":"ok","sessions":N}` (plus `max_sessions` when set, and `"draining"`).
 //!
 //! A text message `close:<code>:<reason>` makes it close the session with that code, so tests
 //! can check that replica close codes reach the client.
@@ -35,6 +36,9 @@ struct Shared {
     close_codes: Mutex<Vec<u16>>,
     health_checks: AtomicU64,
     connections: AtomicU64,
+    /// Reported in the health answer when non-zero.
+    reported_max_sessions: AtomicU64,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 pub struct EchoReplica {
@@ -74,6 +78,8 @@ impl EchoReplica {
             close_codes: Mutex::new(Vec::new()),
             health_checks: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            reported_max_sessions: AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         let (stop, stop_rx) = watch::channel(false);
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -98,6 +104,18 @@ impl EchoReplica {
     /// The status `/health` answers with from now on (200 by default).
     pub fn set_health_status(&self, status: u16) {
         self.shared.health_status.store(status, Ordering::Relaxed);
+    }
+
+    /// Report `max_sessions` in the health answer from now on (`None`: report none).
+    pub fn set_reported_max_sessions(&self, max: Option<u64>) {
+        self.shared
+            .reported_max_sessions
+            .store(max.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Answer `"status":"draining"` to health checks from now on (sessions are still served).
+    pub fn set_draining(&self, draining: bool) {
+        self.shared.draining.store(draining, Ordering::Relaxed);
     }
 
     pub fn last_request(&self) -> Option<SeenRequest> {
@@ -212,8 +230,20 @@ fn handle(
             shared.health_checks.fetch_add(1, Ordering::Relaxed);
             let status = StatusCode::from_u16(shared.health_status.load(Ordering::Relaxed))
                 .unwrap_or(StatusCode::OK);
-            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+            let mut report = serde_json::json!({
+                "status": if shared.draining.load(Ordering::Relaxed) { "draining" } else { "ok" },
+                "sessions": shared.open_sessions.load(Ordering::Relaxed),
+            });
+            let max = shared.reported_max_sessions.load(Ordering::Relaxed);
+            if max > 0 {
+                report["max_sessions"] = max.into();
+            }
+            let mut response = Response::new(Full::new(Bytes::from(report.to_string())));
             *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             response
         }
         // Any path: a router may serve its stream path under another name.

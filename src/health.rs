@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::metrics::{ConnectFailure, ProbeFailure};
-use crate::registry::{Observation, Registry, Replica};
+use crate::registry::{Observation, Registry, Replica, Report};
 use crate::upstream::Connector;
 
 /// Why a probe failed: its kind (counted), and the detail (logged and shown in /status).
@@ -36,10 +36,11 @@ impl ProbeError {
     }
 }
 
-pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Send>>;
+pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<Option<Report>, ProbeError>> + Send>>;
 
-/// One health probe of one replica. `Ok` means healthy. The loop measures latency and
-/// applies the timeout, so implementations need not.
+/// One health probe of one replica. `Ok` means it answered well, with what it said of its
+/// own load if it said anything. The loop measures latency and applies the timeout, so
+/// implementations need not.
 pub trait Probe: Send + Sync + 'static {
     fn probe(&self, replica: &Arc<Replica>, path: &str) -> ProbeFuture;
 
@@ -48,7 +49,8 @@ pub trait Probe: Send + Sync + 'static {
 }
 
 /// `GET {path}` on a kept-alive connection to each replica, opened by the same connector as
-/// sessions (TCP, or TLS with the replica's settings); status >= 400 is a failure.
+/// sessions (TCP, or TLS with the replica's settings). 503 means draining; any other
+/// status >= 400 is a failure. A JSON body may report load ([`Report`]).
 #[derive(Default)]
 pub struct HttpProbe {
     /// One idle connection per replica url, with the TLS settings it was opened under.
@@ -112,22 +114,60 @@ async fn open_connection(
     Ok(sender)
 }
 
+/// The most of a health answer's body that is read; a longer one is a bad answer.
+const MAX_HEALTH_BODY: usize = 64 * 1024;
+
+/// What a health answer's body says of the replica's load, if it is a JSON object that says
+/// anything: `sessions`, `max_sessions` (non-negative integers) and `"status": "draining"`.
+fn report_from(status: hyper::StatusCode, body: &[u8]) -> Option<Report> {
+    let draining_status = status == hyper::StatusCode::SERVICE_UNAVAILABLE;
+    let json: Option<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_slice(body).ok();
+    let report = json.map(|object| Report {
+        sessions: object.get("sessions").and_then(serde_json::Value::as_u64),
+        max_sessions: object
+            .get("max_sessions")
+            .and_then(serde_json::Value::as_u64),
+        draining: draining_status
+            || object.get("status").and_then(serde_json::Value::as_str) == Some("draining"),
+    });
+    match report {
+        Some(report) if report != Report::default() => Some(report),
+        _ if draining_status => Some(Report {
+            draining: true,
+            ..Report::default()
+        }),
+        _ => None,
+    }
+}
+
+enum GetError {
+    Http(hyper::Error),
+    TooLong,
+}
+
 async fn get(
     sender: &mut http1::SendRequest<Empty<Bytes>>,
     replica: &Replica,
     path: &str,
-) -> Result<hyper::StatusCode, hyper::Error> {
-    sender.ready().await?;
+) -> Result<(hyper::StatusCode, Bytes), GetError> {
+    sender.ready().await.map_err(GetError::Http)?;
     let request = hyper::Request::get(path)
         .header(hyper::header::HOST, &replica.authority)
         .header(hyper::header::USER_AGENT, "wsrouter-health")
         .body(Empty::new())
         .expect("a path and a host validated at load make a request");
-    let response = sender.send_request(request).await?;
+    let response = sender.send_request(request).await.map_err(GetError::Http)?;
     let status = response.status();
     // Read the body to the end so the connection can carry the next probe.
-    response.into_body().collect().await?;
-    Ok(status)
+    let body = http_body_util::Limited::new(response.into_body(), MAX_HEALTH_BODY)
+        .collect()
+        .await
+        .map_err(|e| match e.downcast::<hyper::Error>() {
+            Ok(e) => GetError::Http(*e),
+            Err(_) => GetError::TooLong,
+        })?;
+    Ok((status, body.to_bytes()))
 }
 
 impl Probe for HttpProbe {
@@ -141,19 +181,25 @@ impl Probe for HttpProbe {
                 Some(sender) => (sender, false),
                 None => (open_connection(&replica).await?, true),
             };
-            let status = loop {
+            let (status, body) = loop {
                 match get(&mut sender, &replica, &path).await {
-                    Ok(status) => break status,
+                    Ok(answer) => break answer,
+                    Err(GetError::TooLong) => {
+                        return Err(ProbeError::new(
+                            ProbeFailure::BadAnswer,
+                            format!("health answer longer than {MAX_HEALTH_BODY} bytes"),
+                        ))
+                    }
                     // A kept-alive connection the replica closed meanwhile says nothing
                     // about its health: try once on a new one.
-                    Err(e)
+                    Err(GetError::Http(e))
                         if !fresh
                             && (e.is_closed() || e.is_canceled() || e.is_incomplete_message()) =>
                     {
                         sender = open_connection(&replica).await?;
                         fresh = true;
                     }
-                    Err(e) => {
+                    Err(GetError::Http(e)) => {
                         // Over TLS 1.3 a refused client certificate shows here, as an alert.
                         if let Some(tls) = crate::tls::tls_cause(&e) {
                             return Err(ProbeError::new(ProbeFailure::Tls, format!("TLS: {tls}")));
@@ -172,13 +218,14 @@ impl Probe for HttpProbe {
                 }
             };
             put_idle(&idle, &replica, sender);
-            if status.as_u16() >= 400 {
+            let report = report_from(status, &body);
+            if status.as_u16() >= 400 && status != hyper::StatusCode::SERVICE_UNAVAILABLE {
                 return Err(ProbeError::new(
                     ProbeFailure::Status,
                     format!("health check answered HTTP {}", status.as_u16()),
                 ));
             }
-            Ok(())
+            Ok(report)
         })
     }
 
@@ -206,10 +253,11 @@ async fn probe_once(
         )),
     };
     match result {
-        Ok(()) => {
-            tracing::trace!(replica = %replica.name, "probe ok");
+        Ok(report) => {
+            tracing::trace!(replica = %replica.name, ?report, "probe ok");
             Some(Observation::Success {
                 latency: started.elapsed(),
+                report,
             })
         }
         Err(error) => {
@@ -318,5 +366,55 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::StatusCode;
+
+    #[test]
+    fn health_answers_report_load_draining_or_nothing() {
+        let ok = StatusCode::OK;
+        assert_eq!(
+            report_from(ok, br#"{"status":"ok","sessions":3,"max_sessions":8}"#),
+            Some(Report {
+                sessions: Some(3),
+                max_sessions: Some(8),
+                draining: false
+            })
+        );
+        assert_eq!(
+            report_from(ok, br#"{"status":"draining","sessions":2}"#),
+            Some(Report {
+                sessions: Some(2),
+                max_sessions: None,
+                draining: true
+            })
+        );
+        // 503 is draining, whatever the body.
+        for body in [&b"busy"[..], b"", br#"{"sessions":1}"#] {
+            assert!(
+                report_from(StatusCode::SERVICE_UNAVAILABLE, body)
+                    .unwrap()
+                    .draining
+            );
+        }
+        // Nothing usable: no report. Negative or fractional counts are not counts.
+        for body in [
+            &b"ok"[..],
+            b"",
+            br#"{"status":"ok"}"#,
+            br#"[1,2]"#,
+            br#"{"sessions":-1,"max_sessions":2.5}"#,
+        ] {
+            assert_eq!(
+                report_from(ok, body),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

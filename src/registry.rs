@@ -227,6 +227,11 @@ pub struct Health {
     pub last_error: Option<String>,
     /// Unix time (seconds) of the last change of `status`.
     pub last_change_at: Option<f64>,
+    /// What the replica said of its own load in its last successful health answer.
+    pub reported: Option<Report>,
+    /// This router's sessions there when that report came: those it opened or closed since
+    /// are not in the report yet.
+    own_at_report: usize,
     /// Clients whose failed connects count in the current run of failures (each once).
     passive_clients: Vec<ClientKey>,
 }
@@ -241,6 +246,8 @@ impl Default for Health {
             last_latency_ms: None,
             last_error: None,
             last_change_at: None,
+            reported: None,
+            own_at_report: 0,
             passive_clients: Vec::new(),
         }
     }
@@ -249,8 +256,24 @@ impl Default for Health {
 /// What one probe found (or, as a failure, one upstream connect).
 #[derive(Debug, Clone)]
 pub enum Observation {
-    Success { latency: Duration },
-    Failure { error: String },
+    Success {
+        latency: Duration,
+        report: Option<Report>,
+    },
+    Failure {
+        error: String,
+    },
+}
+
+/// A replica's own account of its load, from its health answer: `{"status":"ok",
+/// "sessions":3,"max_sessions":8}`, or `"status":"draining"` (or HTTP 503) when it takes no
+/// new sessions. Several routers in front of one fleet each see only their own sessions;
+/// this is what they share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub sessions: Option<u64>,
+    pub max_sessions: Option<u64>,
+    pub draining: bool,
 }
 
 impl Health {
@@ -264,7 +287,8 @@ impl Health {
         recovery_threshold: u32,
     ) {
         match observation {
-            Observation::Success { latency } => {
+            Observation::Success { latency, report } => {
+                self.reported = report.clone();
                 self.consecutive_failures = 0;
                 self.passive_clients.clear();
                 self.consecutive_successes = self.consecutive_successes.saturating_add(1);
@@ -301,6 +325,12 @@ fn position_of(replicas: &[Arc<Replica>], replica: &Replica) -> Option<usize> {
 /// Count `observation` in `health` and log a change of status.
 fn apply(replica: &Replica, health: &mut Health, observation: &Observation, check: &HealthCheck) {
     let before = health.status;
+    if let Observation::Success {
+        report: Some(_), ..
+    } = observation
+    {
+        health.own_at_report = replica.active_sessions();
+    }
     health.observe(
         observation,
         check.failure_threshold,
@@ -360,9 +390,43 @@ pub struct ReplicaState {
 }
 
 impl ReplicaState {
-    /// Whether new sessions may be sent here.
+    /// Whether new sessions may be sent here (capacity aside).
     pub fn selectable(&self) -> bool {
-        self.health.status == Status::Healthy && !self.replica.draining
+        self.health.status == Status::Healthy && !self.draining()
+    }
+
+    /// Takes no new sessions: by config (`drain`, or removed) or by its own word.
+    pub fn draining(&self) -> bool {
+        self.replica.draining || self.health.reported.as_ref().is_some_and(|r| r.draining)
+    }
+
+    /// Sessions on the replica as best known: what it reported, corrected by the sessions
+    /// this router opened or ended there since; without a report, this router's own.
+    pub fn load(&self) -> u64 {
+        let own = self.replica.active_sessions();
+        match self.health.reported.as_ref().and_then(|r| r.sessions) {
+            Some(reported) => {
+                let corrected = reported as i128 + own as i128 - self.health.own_at_report as i128;
+                (corrected.max(0) as u64).max(own as u64)
+            }
+            None => own as u64,
+        }
+    }
+
+    /// The capacity in force: the config's and the replica's own, whichever is lower.
+    pub fn capacity(&self) -> Option<u64> {
+        let configured =
+            (self.replica.max_sessions != usize::MAX).then_some(self.replica.max_sessions as u64);
+        let reported = self.health.reported.as_ref().and_then(|r| r.max_sessions);
+        match (configured, reported) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// At capacity: this router's own reservations (exact), or the load as best known.
+    pub fn is_full(&self) -> bool {
+        self.replica.is_full() || self.capacity().is_some_and(|max| self.load() >= max)
     }
 }
 
@@ -591,6 +655,7 @@ mod tests {
     fn ok() -> Observation {
         Observation::Success {
             latency: Duration::from_millis(3),
+            report: None,
         }
     }
     fn fail() -> Observation {

@@ -129,7 +129,7 @@ async fn close_codes_pass_through_both_ways() {
 #[tokio::test]
 async fn no_healthy_replica_gets_gpu_unavailable_and_1013() {
     let replica = EchoReplica::start().await.unwrap();
-    replica.set_health_status(503);
+    replica.set_health_status(500);
     let router = TestRouter::start(config(&[replica.url()], "")).await;
     router.wait_status(0, Status::Unhealthy).await;
     let mut ws = connect(router.addr).await;

@@ -52,7 +52,7 @@ pub fn status_json(proxy: &Proxy) -> Value {
                 "primary": r.replica.primary,
                 "weight": r.replica.weight,
                 "status": r.health.status.as_str(),
-                "draining": r.replica.draining,
+                "draining": r.draining(),
                 "removed": r.replica.removed,
                 "last_ok_at": r.health.last_ok_at,
                 "last_latency_ms": r.health.last_latency_ms,
@@ -62,6 +62,13 @@ pub fn status_json(proxy: &Proxy) -> Value {
                 "last_change_at": r.health.last_change_at,
                 "active_sessions": r.replica.active_sessions(),
                 "max_sessions": (r.replica.max_sessions != usize::MAX).then_some(r.replica.max_sessions),
+                "reported": r.health.reported.as_ref().map(|report| json!({
+                    "sessions": report.sessions,
+                    "max_sessions": report.max_sessions,
+                    "draining": report.draining,
+                })),
+                "load": r.load(),
+                "capacity": r.capacity(),
                 "total_sessions": r.replica.total_sessions(),
                 "connect_failures": r.replica.connect_failures().total(),
                 "last_connect_error": r.replica.last_connect_error(),
@@ -163,7 +170,7 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
     let stats = &proxy.metrics;
     let mut out = String::with_capacity(16 * 1024);
     type Value = fn(&ReplicaState) -> f64;
-    let per_replica: [(&str, &str, &str, Value); 6] = [
+    let per_replica: [(&str, &str, &str, Value); 7] = [
         (
             "wsrouter_replica_sessions_active",
             "gauge",
@@ -185,8 +192,8 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
         (
             "wsrouter_replica_draining",
             "gauge",
-            "1 if the replica takes no new sessions (drain = true, or removed from the config with sessions left).",
-            |r| f64::from(u8::from(r.replica.draining)),
+            "1 if the replica takes no new sessions (drain = true, removed from the config with sessions left, or its health answer says draining).",
+            |r| f64::from(u8::from(r.draining())),
         ),
         (
             "wsrouter_replica_consecutive_failures",
@@ -199,6 +206,12 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
             "gauge",
             "Latency of the last successful probe.",
             |r| r.health.last_latency_ms.unwrap_or(f64::NAN) / 1000.0,
+        ),
+        (
+            "wsrouter_replica_load_sessions",
+            "gauge",
+            "Sessions on the replica as best known: its own report plus those opened since (NaN-free: without a report, this router's own).",
+            |r| r.load() as f64,
         ),
     ];
     for (name, kind, help, value) in per_replica {

@@ -453,7 +453,7 @@ impl wsrouter::health::Probe for AlwaysHealthy {
         _: &std::sync::Arc<wsrouter::registry::Replica>,
         _: &str,
     ) -> wsrouter::health::ProbeFuture {
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Ok(None) })
     }
 }
 
