@@ -56,6 +56,81 @@ pub struct Config {
     /// TLS to `https://` replicas, unless a replica says otherwise.
     pub upstream_tls: UpstreamTls,
     pub replicas: Vec<Replica>,
+    /// Replicas found through DNS.
+    pub replica_groups: Vec<ReplicaGroup>,
+    pub discovery: Discovery,
+}
+
+/// How replica groups are looked up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Discovery {
+    /// Ask this DNS server instead of those in /etc/resolv.conf.
+    pub nameserver: Option<SocketAddr>,
+}
+
+/// Replicas found through DNS: every address the name resolves to is one replica, with the
+/// group's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaGroup {
+    /// Unique; the members are named `{name}/{address}:{port}`.
+    pub name: String,
+    pub lookup: GroupLookup,
+    /// For https groups: the settings and the client config the members share; each member
+    /// is verified against the DNS name (an SRV group: its record's target).
+    pub tls: Option<GroupTls>,
+    pub primary: bool,
+    pub weight: f64,
+    pub max_sessions: Option<usize>,
+    pub drain: bool,
+}
+
+/// TLS to the members of an https group.
+#[derive(Debug, Clone)]
+pub struct GroupTls {
+    pub settings: UpstreamTls,
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+impl PartialEq for GroupTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.settings == other.settings
+    }
+}
+
+/// What a group looks up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupLookup {
+    /// A and AAAA records of `name`, each on `port`.
+    Host { name: String, port: u16 },
+    /// SRV records of `name`: each target's addresses, on the record's port.
+    Srv { name: String },
+}
+
+impl ReplicaGroup {
+    /// The replica at `ip:port`, found under the host name `host`.
+    pub fn member(&self, ip: std::net::IpAddr, port: u16, host: &str) -> Result<Replica, String> {
+        let addr = SocketAddr::new(ip, port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let tls = match &self.tls {
+            None => None,
+            Some(tls) => Some(ReplicaTls {
+                settings: tls.settings.clone(),
+                server_name: crate::tls::server_name(host.trim_end_matches('.'))?,
+                config: tls.config.clone(),
+            }),
+        };
+        Ok(Replica {
+            name: format!("{}/{addr}", self.name),
+            url: format!("{scheme}://{addr}"),
+            authority: addr.to_string(),
+            tls,
+            primary: self.primary,
+            weight: self.weight,
+            max_sessions: self.max_sessions,
+            drain: self.drain,
+            group: Some(self.name.clone()),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -223,6 +298,8 @@ pub struct Replica {
     pub max_sessions: Option<usize>,
     /// Takes no new sessions; its live ones run on (a rollout).
     pub drain: bool,
+    /// The replica group that found it, for a replica found through DNS.
+    pub group: Option<String>,
 }
 
 /// An address block, `10.0.0.0/8` or `::1/128`; a bare address is a block of one.
@@ -351,6 +428,45 @@ pub mod file {
         pub upstream_tls: UpstreamTls,
         #[serde(default)]
         pub replicas: Vec<Replica>,
+        #[serde(default)]
+        pub replica_groups: Vec<ReplicaGroup>,
+        #[serde(default)]
+        pub discovery: Discovery,
+    }
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Discovery {
+        pub nameserver: Option<String>,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ReplicaGroup {
+        #[serde(default)]
+        pub name: Option<String>,
+        #[serde(default)]
+        pub dns: Option<String>,
+        #[serde(default)]
+        pub srv: Option<String>,
+        /// Wide, so a value out of range gets its own message.
+        #[serde(default)]
+        pub port: Option<i64>,
+        #[serde(default)]
+        pub scheme: Option<String>,
+        /// Only to refuse it with a precise message: a group has no url.
+        #[serde(default)]
+        pub url: Option<String>,
+        #[serde(default)]
+        pub primary: bool,
+        #[serde(default = "default_weight")]
+        pub weight: f64,
+        #[serde(default)]
+        pub max_sessions: Option<usize>,
+        #[serde(default)]
+        pub drain: bool,
+        #[serde(default)]
+        pub tls: Option<UpstreamTls>,
     }
 
     #[derive(Debug, Clone, Deserialize)]
@@ -377,7 +493,12 @@ pub mod file {
                 resolve(&mut tls.key_file);
             }
             let tables = std::iter::once(&mut self.upstream_tls)
-                .chain(self.replicas.iter_mut().filter_map(|r| r.tls.as_mut()));
+                .chain(self.replicas.iter_mut().filter_map(|r| r.tls.as_mut()))
+                .chain(
+                    self.replica_groups
+                        .iter_mut()
+                        .filter_map(|g| g.tls.as_mut()),
+                );
             for tls in tables {
                 [
                     &mut tls.ca_file,
@@ -591,7 +712,8 @@ impl Config {
             files.push(tls.key_file.clone());
         }
         let tables = std::iter::once(&file.upstream_tls)
-            .chain(file.replicas.iter().filter_map(|r| r.tls.as_ref()));
+            .chain(file.replicas.iter().filter_map(|r| r.tls.as_ref()))
+            .chain(file.replica_groups.iter().filter_map(|g| g.tls.as_ref()));
         for tls in tables {
             files.extend(
                 [&tls.ca_file, &tls.client_cert_file, &tls.client_key_file]
@@ -619,6 +741,7 @@ impl Config {
     }
 
     fn from_file(file: file::File) -> Result<Config, ConfigError> {
+        let replica_groups = replica_groups(&file, &file.upstream_tls)?;
         Ok(Config {
             listen: listen(&file.listen)?,
             admin: admin(file.admin.as_ref(), &file.listen)?,
@@ -630,7 +753,25 @@ impl Config {
             balance: balance(file.balance)?,
             sessions: sessions(&file.sessions)?,
             upstream_tls: upstream_tls(&file.upstream_tls, None, "upstream_tls")?,
-            replicas: replicas(&file.replicas, &file.upstream_tls)?,
+            replicas: replicas(
+                &file.replicas,
+                &file.upstream_tls,
+                !file.replica_groups.is_empty(),
+            )?,
+            replica_groups,
+            discovery: Discovery {
+                nameserver: match &file.discovery.nameserver {
+                    None => None,
+                    Some(text) => Some(text.parse().map_err(|_| {
+                        invalid(
+                            "discovery.nameserver",
+                            format!(
+                                "{text:?} is not an address:port (for example \"127.0.0.1:53\")"
+                            ),
+                        )
+                    })?),
+                },
+            },
         })
     }
 
@@ -974,13 +1115,14 @@ fn sessions(file: &file::Sessions) -> Result<Sessions, ConfigError> {
 fn replicas(
     file: &[file::Replica],
     base_tls: &file::UpstreamTls,
+    has_groups: bool,
 ) -> Result<Vec<Replica>, ConfigError> {
     // Replicas with the same settings share one client config (and its resumption cache).
     let mut client_configs: HashMap<UpstreamTls, Arc<rustls::ClientConfig>> = HashMap::new();
-    if file.is_empty() {
+    if file.is_empty() && !has_groups {
         return Err(invalid(
             "replicas",
-            "at least one [[replicas]] entry is required",
+            "at least one [[replicas]] entry (or a [[replica_groups]] entry) is required",
         ));
     }
     let mut replicas: Vec<Replica> = Vec::with_capacity(file.len());
@@ -992,27 +1134,8 @@ fn replicas(
         if name.is_empty() {
             return Err(invalid(key("name"), "must not be empty"));
         }
-        if !(entry.weight.is_finite() && entry.weight > 0.0 && entry.weight <= bounds::WEIGHT) {
-            return Err(invalid(
-                key("weight"),
-                format!(
-                    "must be a number greater than 0 and at most {}, got {}",
-                    bounds::WEIGHT,
-                    entry.weight
-                ),
-            ));
-        }
-        if let Some(max) = entry.max_sessions {
-            in_range(&key("max_sessions"), max, 1, bounds::COUNT).map_err(|_| {
-                invalid(
-                    key("max_sessions"),
-                    format!(
-                        "must be between 1 and {} (leave it out for no limit), got {max}",
-                        bounds::COUNT
-                    ),
-                )
-            })?;
-        }
+        check_weight(&key("weight"), entry.weight)?;
+        check_max_sessions(&key("max_sessions"), entry.max_sessions)?;
         if entry.primary {
             if let Some(first) = primary_seen {
                 return Err(invalid(
@@ -1075,9 +1198,171 @@ fn replicas(
             weight: entry.weight,
             max_sessions: entry.max_sessions,
             drain: entry.drain,
+            group: None,
         });
     }
     Ok(replicas)
+}
+
+fn check_weight(key: &str, weight: f64) -> Result<(), ConfigError> {
+    if weight.is_finite() && weight > 0.0 && weight <= bounds::WEIGHT {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        format!(
+            "must be a number greater than 0 and at most {}, got {weight}",
+            bounds::WEIGHT
+        ),
+    ))
+}
+
+fn check_max_sessions(key: &str, max: Option<usize>) -> Result<(), ConfigError> {
+    match max {
+        Some(max) if !(1..=bounds::COUNT).contains(&max) => Err(invalid(
+            key,
+            format!(
+                "must be between 1 and {} (leave it out for no limit), got {max}",
+                bounds::COUNT
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A DNS name a group may look up.
+fn dns_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains(['/', ':', ' ']) {
+        return Err(format!("{name:?} is not a DNS name"));
+    }
+    hickory_resolver::proto::rr::Name::from_ascii(name)
+        .map(|_| ())
+        .map_err(|e| format!("{name:?} is not a DNS name ({e})"))
+}
+
+fn replica_groups(
+    file: &file::File,
+    base_tls: &file::UpstreamTls,
+) -> Result<Vec<ReplicaGroup>, ConfigError> {
+    let mut groups: Vec<ReplicaGroup> = Vec::with_capacity(file.replica_groups.len());
+    let mut primary_seen = file
+        .replicas
+        .iter()
+        .position(|r| r.primary)
+        .map(|i| format!("replicas[{i}]"));
+    for (i, entry) in file.replica_groups.iter().enumerate() {
+        let key = |field: &str| format!("replica_groups[{i}].{field}");
+        if entry.url.is_some() {
+            return Err(invalid(
+                key("url"),
+                "a group is found through `dns` or `srv`, not a url (one replica with a url is a [[replicas]] entry)",
+            ));
+        }
+        let lookup = match (&entry.dns, &entry.srv) {
+            (Some(_), Some(_)) => return Err(invalid(key("srv"), "set `dns` or `srv`, not both")),
+            (None, None) => {
+                return Err(invalid(
+                    key("dns"),
+                    "a group needs `dns` (with `port`) or `srv`",
+                ))
+            }
+            (Some(name), None) => {
+                dns_name(name).map_err(|reason| invalid(key("dns"), reason))?;
+                let port = match entry.port {
+                    None => {
+                        return Err(invalid(
+                            key("port"),
+                            "required with `dns` (SRV records carry their own ports)",
+                        ))
+                    }
+                    Some(port) => u16::try_from(port).ok().filter(|&p| p > 0).ok_or_else(|| {
+                        invalid(
+                            key("port"),
+                            format!("must be between 1 and 65535, got {port}"),
+                        )
+                    })?,
+                };
+                GroupLookup::Host {
+                    name: name.clone(),
+                    port,
+                }
+            }
+            (None, Some(name)) => {
+                dns_name(name).map_err(|reason| invalid(key("srv"), reason))?;
+                if !name.starts_with('_') {
+                    return Err(invalid(
+                        key("srv"),
+                        format!("{name:?} is not an SRV name (_service._proto.domain)"),
+                    ));
+                }
+                if entry.port.is_some() {
+                    return Err(invalid(
+                        key("port"),
+                        "not with `srv`: its records carry the ports",
+                    ));
+                }
+                GroupLookup::Srv { name: name.clone() }
+            }
+        };
+        let tls = match entry.scheme.as_deref().unwrap_or("http") {
+            "http" if entry.tls.is_some() => {
+                return Err(invalid(key("tls"), "only https groups take TLS settings"))
+            }
+            "http" => None,
+            "https" => {
+                let empty = file::UpstreamTls::default();
+                let settings = upstream_tls(
+                    entry.tls.as_ref().unwrap_or(&empty),
+                    Some(base_tls),
+                    &key("tls"),
+                )?;
+                let config = crate::tls::client_config(&settings)
+                    .map_err(|e| invalid(key("tls"), e.to_string()))?;
+                Some(GroupTls { settings, config })
+            }
+            other => {
+                return Err(invalid(
+                    key("scheme"),
+                    format!("must be \"http\" or \"https\", got {other:?}"),
+                ))
+            }
+        };
+        let name = entry.name.clone().unwrap_or_else(|| match &lookup {
+            GroupLookup::Host { name, .. } | GroupLookup::Srv { name } => name.clone(),
+        });
+        if name.is_empty() {
+            return Err(invalid(key("name"), "must not be empty"));
+        }
+        if let Some(j) = groups.iter().position(|g| g.name == name) {
+            return Err(invalid(
+                key("name"),
+                format!("duplicate of replica_groups[{j}].name {name:?}"),
+            ));
+        }
+        check_weight(&key("weight"), entry.weight)?;
+        check_max_sessions(&key("max_sessions"), entry.max_sessions)?;
+        if entry.primary {
+            if let Some(first) = &primary_seen {
+                return Err(invalid(
+                    key("primary"),
+                    format!(
+                        "{first} is already primary; at most one replica or group may be primary"
+                    ),
+                ));
+            }
+            primary_seen = Some(format!("replica_groups[{i}]"));
+        }
+        groups.push(ReplicaGroup {
+            name,
+            lookup,
+            tls,
+            primary: entry.primary,
+            weight: entry.weight,
+            max_sessions: entry.max_sessions,
+            drain: entry.drain,
+        });
+    }
+    Ok(groups)
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display>(
@@ -1348,6 +1633,98 @@ mod tests {
         }
         let e = err("[[replicas]]\nurl = \"http://a\"\nweight = 1e300\n");
         assert!(e.contains("replicas[0].weight"), "{e}");
+    }
+
+    #[test]
+    fn replica_groups_are_checked_with_the_key_at_fault() {
+        let group = |body: &str| format!("[[replica_groups]]\n{body}\n");
+        for (body, key, words) in [
+            (
+                "dns = \"a.test\"\nurl = \"http://a.test:1\"",
+                "replica_groups[0].url",
+                "not a url",
+            ),
+            (
+                "dns = \"a.test\"\nsrv = \"_ws._tcp.a.test\"",
+                "replica_groups[0].srv",
+                "not both",
+            ),
+            ("port = 80", "replica_groups[0].dns", "needs `dns`"),
+            (
+                "dns = \"a.test\"",
+                "replica_groups[0].port",
+                "required with `dns`",
+            ),
+            (
+                "dns = \"a.test\"\nport = 70000",
+                "replica_groups[0].port",
+                "between 1 and 65535, got 70000",
+            ),
+            (
+                "dns = \"a.test\"\nport = 0",
+                "replica_groups[0].port",
+                "got 0",
+            ),
+            (
+                "srv = \"_ws._tcp.a.test\"\nport = 80",
+                "replica_groups[0].port",
+                "not with `srv`",
+            ),
+            (
+                "srv = \"a.test\"",
+                "replica_groups[0].srv",
+                "not an SRV name",
+            ),
+            (
+                "dns = \"a test\"\nport = 80",
+                "replica_groups[0].dns",
+                "not a DNS name",
+            ),
+            (
+                "dns = \"a.test\"\nport = 80\nscheme = \"ws\"",
+                "replica_groups[0].scheme",
+                "\"http\" or \"https\"",
+            ),
+            (
+                "dns = \"a.test\"\nport = 80\ntls = { ca_file = \"x\" }",
+                "replica_groups[0].tls",
+                "only https",
+            ),
+            (
+                "dns = \"a.test\"\nport = 80\nweight = 0",
+                "replica_groups[0].weight",
+                "greater than 0",
+            ),
+        ] {
+            let e = err(&group(body));
+            assert!(e.contains(key) && e.contains(words), "{body}: {e}");
+        }
+        let two = format!(
+            "{}{}",
+            group("dns = \"a.test\"\nport = 80"),
+            group("dns = \"a.test\"\nport = 81")
+        );
+        assert!(
+            err(&two).contains("replica_groups[1].name: duplicate"),
+            "{}",
+            err(&two)
+        );
+        let primaries = format!(
+            "{ONE}primary = true\n{}",
+            group("dns = \"a.test\"\nport = 80\nprimary = true")
+        );
+        assert!(
+            err(&primaries).contains("replica_groups[0].primary"),
+            "{}",
+            err(&primaries)
+        );
+        let e = err("[discovery]\nnameserver = \"localhost\"\n[[replica_groups]]\ndns = \"a.test\"\nport = 80\n");
+        assert!(e.contains("discovery.nameserver"), "{e}");
+        // A group alone is a fleet; nothing at all is not.
+        let c = Config::parse(&group("srv = \"_ws._tcp.a.test\"\nscheme = \"https\"")).unwrap();
+        assert_eq!(c.replica_groups[0].name, "_ws._tcp.a.test");
+        assert!(c.replica_groups[0].tls.is_some());
+        assert!(err("[listen]\nport = 1\n").contains("[[replica_groups]]"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod balance;
 pub mod client;
 pub mod close;
 pub mod config;
+pub mod discovery;
 pub mod frames;
 pub mod health;
 pub mod http;

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     match cli.command {
-        Some(Command::Check) => check(cli.config),
+        Some(Command::Check) => check(cli.config, &runtime),
         Some(Command::Demo { port }) => {
             wsrouter::log::init(LogFormat::Text);
             runtime.block_on(demo(port))
@@ -79,20 +79,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: Option<PathBuf>) -> ExitCode {
+/// Validate the config; replica groups are looked up once, and one that finds nothing fails.
+fn check(path: Option<PathBuf>, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let Some(path) = path else {
         eprintln!("wsrouter check: --config FILE is required");
         return ExitCode::from(2);
     };
     match Config::load(&path) {
-        Ok(config) => {
-            println!(
-                "{}: valid ({} replicas)",
-                path.display(),
-                config.replicas.len()
-            );
-            ExitCode::SUCCESS
-        }
+        Ok(config) => match runtime.block_on(wsrouter::discovery::check_groups(&config)) {
+            Ok(groups) => {
+                let groups: String = groups
+                    .iter()
+                    .map(|(name, n)| format!(", group {name}: {n} found"))
+                    .collect();
+                println!(
+                    "{}: valid ({} replicas{groups})",
+                    path.display(),
+                    config.replicas.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                ExitCode::from(2)
+            }
+        },
         Err(e) => {
             eprintln!("{}: {e}", path.display());
             ExitCode::from(2)

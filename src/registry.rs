@@ -10,6 +10,8 @@
 //! address counts once, so no single client can turn a replica unhealthy; and a completed
 //! handshake ends the run.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,8 +43,10 @@ pub struct Replica {
     pub max_sessions: usize,
     /// Takes no new sessions; live ones run on (`drain = true`, or removed from the config).
     pub draining: bool,
-    /// No longer in the config: kept only until its last session ends.
+    /// No longer in the config (or in DNS): kept only until its last session ends.
     pub removed: bool,
+    /// The replica group that found it through DNS.
+    pub group: Option<String>,
     live: Arc<Live>,
 }
 
@@ -91,6 +95,7 @@ impl Replica {
             max_sessions: config.max_sessions.unwrap_or(usize::MAX),
             draining: config.drain,
             removed: false,
+            group: config.group.clone(),
             live,
         }
     }
@@ -109,6 +114,7 @@ impl Replica {
             max_sessions: self.max_sessions,
             draining: true,
             removed: true,
+            group: self.group.clone(),
             live: self.live.clone(),
         }
     }
@@ -339,6 +345,46 @@ fn apply(replica: &Replica, health: &mut Health, observation: &Observation, chec
     note_change(replica, health, before);
 }
 
+/// Make the members what `members.wanted()` says, keeping the state of every replica whose url
+/// stays; see [`Registry::reconfigure`].
+fn replace(members: &mut Members) -> Changes {
+    let wanted = members.wanted();
+    let mut changes = Changes::default();
+    let mut replicas = Vec::with_capacity(wanted.len());
+    let mut health = Vec::with_capacity(wanted.len());
+    for (index, entry) in wanted.iter().enumerate() {
+        // Validation normalised the url, so equal strings mean the same replica.
+        let known = members.replicas.iter().position(|r| r.url == entry.url);
+        let (live, state) = match known {
+            Some(i) => (members.replicas[i].live.clone(), members.health[i].clone()),
+            None => (Arc::new(Live::new()), Health::default()),
+        };
+        let replica = Arc::new(Replica::new(index, entry, live));
+        match known {
+            Some(_) => changes.kept.push(replica.name.clone()),
+            None => changes.added.push(replica.name.clone()),
+        }
+        replicas.push(replica);
+        health.push(state);
+    }
+    for (old, state) in members.replicas.iter().zip(&members.health) {
+        if replicas.iter().any(|r| r.url == old.url) {
+            continue;
+        }
+        if !old.removed {
+            changes.removed.push(old.name.clone());
+        }
+        if old.active_sessions() > 0 {
+            changes.draining.push(old.name.clone());
+            replicas.push(Arc::new(old.removed(replicas.len())));
+            health.push(state.clone());
+        }
+    }
+    members.replicas = replicas;
+    members.health = health;
+    changes
+}
+
 /// Drop removed replicas whose last session has ended; whether any was dropped. Run with every
 /// batch of probe results, so a drained replica leaves within a probe interval.
 fn drop_finished(members: &mut Members) -> bool {
@@ -430,11 +476,38 @@ impl ReplicaState {
     }
 }
 
-/// An immutable view of every replica: config order, then replicas a reload removed that still
-/// have sessions.
+/// An immutable view of every replica: config order, then those found through DNS (group by
+/// group), then replicas a reload or DNS removed that still have sessions.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub replicas: Vec<ReplicaState>,
+    pub groups: Vec<GroupState>,
+}
+
+/// One address a replica group's lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The name it was found under (an SRV group: the record's target).
+    pub host: String,
+}
+
+/// How a replica group's lookups have gone.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GroupState {
+    pub name: String,
+    /// What it looks up, as `dns NAME port N` or `srv NAME`.
+    pub lookup: String,
+    /// Addresses the last good lookup found.
+    pub found: usize,
+    pub lookups_ok: u64,
+    /// Lookups that answered with no address: the last good set stays.
+    pub lookups_empty: u64,
+    /// Lookups that failed: the last good set stays.
+    pub lookups_failed: u64,
+    pub last_ok_at: Option<f64>,
+    pub last_error: Option<String>,
 }
 
 pub struct Registry {
@@ -443,12 +516,47 @@ pub struct Registry {
     members: Mutex<Members>,
     /// Woken when the replica set or the health settings change.
     changed: Notify,
+    /// Woken when a reload applies a new config.
+    reconfigured: Notify,
 }
 
 struct Members {
     replicas: Vec<Arc<Replica>>,
     health: Vec<Health>,
     check: HealthCheck,
+    /// The config's own [[replicas]].
+    configured: Vec<config::Replica>,
+    groups: Vec<config::ReplicaGroup>,
+    discovery: config::Discovery,
+    /// Each group's last good lookup, by group name.
+    found: HashMap<String, Vec<Found>>,
+    group_states: Vec<GroupState>,
+}
+
+impl Members {
+    /// The replicas there should be: the config's, then each group's (an address the config
+    /// already lists is not added twice).
+    fn wanted(&self) -> Vec<config::Replica> {
+        let mut wanted = self.configured.clone();
+        for group in &self.groups {
+            for found in self.found.get(&group.name).into_iter().flatten() {
+                match group.member(found.ip, found.port, &found.host) {
+                    Ok(member) if !wanted.iter().any(|r| r.url == member.url) => {
+                        wanted.push(member)
+                    }
+                    Ok(_) => {}
+                    Err(reason) => {
+                        tracing::warn!(group = %group.name, host = %found.host, %reason, "found address left out")
+                    }
+                }
+            }
+        }
+        wanted
+    }
+
+    fn group_state(&mut self, name: &str) -> Option<&mut GroupState> {
+        self.group_states.iter_mut().find(|g| g.name == name)
+    }
 }
 
 /// What a reload changed in the replica set, by name.
@@ -463,6 +571,12 @@ pub struct Changes {
     pub kept: Vec<String>,
 }
 
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.draining.is_empty()
+    }
+}
+
 impl Registry {
     pub fn new(config: &Config) -> Registry {
         let registry = Registry {
@@ -471,58 +585,127 @@ impl Registry {
                 replicas: Vec::new(),
                 health: Vec::new(),
                 check: config.health_check.clone(),
+                configured: Vec::new(),
+                groups: Vec::new(),
+                discovery: config::Discovery::default(),
+                found: HashMap::new(),
+                group_states: Vec::new(),
             }),
             changed: Notify::new(),
+            reconfigured: Notify::new(),
         };
         registry.reconfigure(config);
         registry
     }
 
-    /// Take a new config's replica set and health settings. A replica whose url was already
-    /// known keeps its health state, counters and live sessions; settings (name, weight,
-    /// primary, capacity, drain) come from the new config. A replica the config no longer
-    /// lists stays, draining, while it has sessions (they run on; it is still probed, so
-    /// `close_on_unhealthy` still applies), and is dropped when the last one ends.
+    /// Take a new config's replica set, groups and health settings. A replica whose url was
+    /// already known keeps its health state, counters and live sessions; settings (name,
+    /// weight, primary, capacity, drain) come from the new config. A replica the config no
+    /// longer lists stays, draining, while it has sessions (they run on; it is still probed,
+    /// so `close_on_unhealthy` still applies), and is dropped when the last one ends. A group
+    /// that looks up the same name keeps what it found.
     pub fn reconfigure(&self, config: &Config) -> Changes {
         let mut members = self.members.lock().unwrap();
-        let mut changes = Changes::default();
-        let mut replicas = Vec::with_capacity(config.replicas.len());
-        let mut health = Vec::with_capacity(config.replicas.len());
-        for (index, entry) in config.replicas.iter().enumerate() {
-            // Validation normalised the url, so equal strings mean the same replica.
-            let known = members.replicas.iter().position(|r| r.url == entry.url);
-            let (live, state) = match known {
-                Some(i) => (members.replicas[i].live.clone(), members.health[i].clone()),
-                None => (Arc::new(Live::new()), Health::default()),
+        let old_groups = std::mem::take(&mut members.groups);
+        let mut found = std::mem::take(&mut members.found);
+        found.retain(|name, _| {
+            let lookup = |groups: &[config::ReplicaGroup]| {
+                groups
+                    .iter()
+                    .find(|g| &g.name == name)
+                    .map(|g| g.lookup.clone())
             };
-            let replica = Arc::new(Replica::new(index, entry, live));
-            match known {
-                Some(_) => changes.kept.push(replica.name.clone()),
-                None => changes.added.push(replica.name.clone()),
-            }
-            replicas.push(replica);
-            health.push(state);
-        }
-        for (old, state) in members.replicas.iter().zip(&members.health) {
-            if replicas.iter().any(|r| r.url == old.url) {
-                continue;
-            }
-            if !old.removed {
-                changes.removed.push(old.name.clone());
-            }
-            if old.active_sessions() > 0 {
-                changes.draining.push(old.name.clone());
-                replicas.push(Arc::new(old.removed(replicas.len())));
-                health.push(state.clone());
-            }
-        }
-        members.replicas = replicas;
-        members.health = health;
+            lookup(&old_groups).is_some() && lookup(&old_groups) == lookup(&config.replica_groups)
+        });
+        let old_states = std::mem::take(&mut members.group_states);
+        members.group_states = config
+            .replica_groups
+            .iter()
+            .map(|group| {
+                let lookup = match &group.lookup {
+                    config::GroupLookup::Host { name, port } => format!("dns {name} port {port}"),
+                    config::GroupLookup::Srv { name } => format!("srv {name}"),
+                };
+                match old_states.iter().find(|s| s.name == group.name) {
+                    Some(state) if found.contains_key(&group.name) => state.clone(),
+                    _ => GroupState {
+                        name: group.name.clone(),
+                        lookup,
+                        ..GroupState::default()
+                    },
+                }
+            })
+            .collect();
+        members.found = found;
+        members.configured = config.replicas.clone();
+        members.groups = config.replica_groups.clone();
+        members.discovery = config.discovery.clone();
         members.check = config.health_check.clone();
+        let changes = replace(&mut members);
         self.publish(&members);
         drop(members);
         self.changed.notify_waiters();
+        self.reconfigured.notify_waiters();
         changes
+    }
+
+    /// A group's lookup found `found` (not empty): its members become those addresses. New
+    /// ones start `unknown`; one that left drains like a replica removed from the config.
+    pub fn found(&self, group: &str, found: Vec<Found>) -> Changes {
+        let mut members = self.members.lock().unwrap();
+        let Some(state) = members.group_state(group) else {
+            return Changes::default();
+        };
+        state.lookups_ok += 1;
+        state.last_ok_at = Some(unix_now());
+        state.last_error = None;
+        state.found = found.len();
+        let changed = members.found.get(group) != Some(&found);
+        members.found.insert(group.to_string(), found);
+        let changes = if changed {
+            replace(&mut members)
+        } else {
+            Changes::default()
+        };
+        self.publish(&members);
+        drop(members);
+        if !changes.is_empty() {
+            tracing::info!(
+                group,
+                added = %changes.added.join(","),
+                removed = %changes.removed.join(","),
+                draining = %changes.draining.join(","),
+                "replica group changed"
+            );
+            self.changed.notify_waiters();
+        }
+        changes
+    }
+
+    /// A group's lookup failed, or found nothing (`error` says which): its last good set stays.
+    pub fn lookup_failed(&self, group: &str, empty: bool, error: String) {
+        let mut members = self.members.lock().unwrap();
+        let Some(state) = members.group_state(group) else {
+            return;
+        };
+        if empty {
+            state.lookups_empty += 1;
+        } else {
+            state.lookups_failed += 1;
+        }
+        state.last_error = Some(error);
+        self.publish(&members);
+    }
+
+    /// The replica groups and discovery settings in force.
+    pub fn groups(&self) -> (Vec<config::ReplicaGroup>, config::Discovery) {
+        let members = self.members.lock().unwrap();
+        (members.groups.clone(), members.discovery.clone())
+    }
+
+    /// Resolves at the next config reload (create the future before reading what it guards).
+    pub fn reconfigured(&self) -> tokio::sync::futures::Notified<'_> {
+        self.reconfigured.notified()
     }
 
     /// Resolves at the next change of the replica set or health settings (create the future
@@ -556,6 +739,7 @@ impl Registry {
             replicas,
             health,
             check,
+            ..
         } = &mut *members;
         for (replica, observation) in observations {
             if let Some(i) = position_of(replicas, &replica) {
@@ -584,6 +768,7 @@ impl Registry {
             replicas,
             health,
             check,
+            ..
         } = &mut *members;
         let Some(i) = position_of(replicas, replica) else {
             return;
@@ -644,7 +829,10 @@ impl Registry {
                 health: health.clone(),
             })
             .collect();
-        self.snapshot.store(Arc::new(Snapshot { replicas }));
+        self.snapshot.store(Arc::new(Snapshot {
+            replicas,
+            groups: members.group_states.clone(),
+        }));
     }
 }
 

@@ -176,6 +176,7 @@ impl Router {
     /// to close. Dropping this future stops every worker and drops its sessions.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
         let health = tokio::spawn(health::run(self.registry.clone(), self.probe.clone()));
+        let discovery = tokio::spawn(crate::discovery::run(self.registry.clone()));
         // Workers run until this is dropped: when serve returns or its future is dropped.
         let (_workers_alive, workers_stop) = watch::channel(());
         for index in 1..self.workers {
@@ -227,6 +228,7 @@ impl Router {
             .clone();
         let drain = drain(&self.proxy.sessions, &self.close_all, &limits).await;
         health.abort();
+        discovery.abort();
         if let Some(admin) = admin {
             admin.abort();
         }
@@ -324,7 +326,11 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     // A new instance can bind the same address while this one drains: a restart drops nothing.
-    socket.set_reuseport(true)?;
+    // Not for port 0: the kernel may then hand out a port another such socket of this user
+    // already listens on, and the two would share its connections.
+    if addr.port() != 0 {
+        socket.set_reuseport(true)?;
+    }
     // Every accepted connection inherits these: no system calls for them per connection.
     crate::net::prepare_socket(&socket)?;
     socket.bind(addr)?;

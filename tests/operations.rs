@@ -251,9 +251,11 @@ async fn until_draining(admin: std::net::SocketAddr) {
 async fn a_new_instance_takes_over_the_address_while_the_old_one_waits_for_its_sessions() {
     let replica = wsrouter::echo::EchoReplica::start().await.unwrap();
     let wait = "[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\ndrain_mode = \"wait\"\ndrain_timeout_seconds = 30";
+    // An explicit port, as in production: port 0 asks for a port of its own.
+    let port = dead_port();
     let mut old = TestRouter::start(config(
         &[replica.url()],
-        &format!("[listen]\nworkers = 1\n{wait}"),
+        &format!("[listen]\nport = {port}\nworkers = 1\n{wait}"),
     ))
     .await;
     old.wait_status(0, Status::Healthy).await;
@@ -263,7 +265,7 @@ async fn a_new_instance_takes_over_the_address_while_the_old_one_waits_for_its_s
     // The same address, bound while the old instance still listens (SO_REUSEPORT).
     let new = TestRouter::start(config(
         &[replica.url()],
-        &format!("[listen]\nport = {}\nworkers = 1\n{wait}", old.addr.port()),
+        &format!("[listen]\nport = {port}\nworkers = 1\n{wait}"),
     ))
     .await;
     assert_eq!(new.addr, old.addr);

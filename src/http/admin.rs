@@ -54,6 +54,7 @@ pub fn status_json(proxy: &Proxy) -> Value {
                 "status": r.health.status.as_str(),
                 "draining": r.draining(),
                 "removed": r.replica.removed,
+                "group": r.replica.group,
                 "last_ok_at": r.health.last_ok_at,
                 "last_latency_ms": r.health.last_latency_ms,
                 "consecutive_failures": r.health.consecutive_failures,
@@ -75,8 +76,25 @@ pub fn status_json(proxy: &Proxy) -> Value {
             })
         })
         .collect();
+    let groups: Vec<Value> = snapshot
+        .groups
+        .iter()
+        .map(|g| {
+            json!({
+                "name": g.name,
+                "lookup": g.lookup,
+                "found": g.found,
+                "lookups_ok": g.lookups_ok,
+                "lookups_empty": g.lookups_empty,
+                "lookups_failed": g.lookups_failed,
+                "last_ok_at": g.last_ok_at,
+                "last_error": g.last_error,
+            })
+        })
+        .collect();
     json!({
         "replicas": replicas,
+        "groups": groups,
         "sessions": {"active": proxy.sessions.active(), "max": proxy.sessions.max()},
         "connections": {"open": proxy.connections.open(), "max": proxy.connections.max()},
         "draining": proxy.shutting_down(),
@@ -315,6 +333,40 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
             name,
             &format!("replica=\"{}\"", label(&r.replica.name)),
             r.replica.handshake_seconds(),
+        );
+    }
+
+    family(
+        &mut out,
+        "wsrouter_discovery_lookups_total",
+        "counter",
+        "DNS lookups of each replica group, by result (empty and failed keep the last set).",
+    );
+    for g in &snapshot.groups {
+        for (result, n) in [
+            ("ok", g.lookups_ok),
+            ("empty", g.lookups_empty),
+            ("failed", g.lookups_failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "wsrouter_discovery_lookups_total{{group=\"{}\",result=\"{result}\"}} {n}",
+                label(&g.name)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "wsrouter_discovery_replicas",
+        "gauge",
+        "Addresses the last good lookup of each replica group found.",
+    );
+    for g in &snapshot.groups {
+        let _ = writeln!(
+            out,
+            "wsrouter_discovery_replicas{{group=\"{}\"}} {}",
+            label(&g.name),
+            g.found
         );
     }
 

@@ -2,6 +2,7 @@
 //! WebSocket client. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod pki;
 
 use std::future::Future;
@@ -65,15 +66,17 @@ pub fn replicas_toml(urls: &[String], primary_first: bool) -> String {
 /// one (TOML allows a table once), else as a table of their own.
 pub fn with_table(extra: &str, table: &str, defaults: &str) -> String {
     let header = format!("[{table}]\n");
-    // A key `extra` sets itself is not defaulted.
+    // The keys `extra` sets in its own `[table]`: those are not defaulted.
+    let own: Vec<&str> = extra
+        .lines()
+        .skip_while(|l| l.trim() != header.trim())
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .map(|l| l.split('=').next().unwrap_or("").trim())
+        .collect();
     let defaults: Vec<&str> = defaults
         .lines()
-        .filter(|line| {
-            let key = line.split('=').next().unwrap_or("").trim();
-            !extra
-                .lines()
-                .any(|l| l.split('=').next().unwrap_or("").trim() == key)
-        })
+        .filter(|line| !own.contains(&line.split('=').next().unwrap_or("").trim()))
         .collect();
     let defaults = defaults.join("\n");
     if extra.contains(&header) {
