@@ -131,8 +131,8 @@ fn the_kubernetes_manifests_agree_with_the_config_they_mount() {
 /// `key=value` of the unit file (the last one wins, as in systemd).
 fn unit(key: &str) -> &'static str {
     UNIT.lines()
-        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .unwrap_or_else(|| panic!("no {key} in the unit"))
 }
 
