@@ -1,7 +1,9 @@
-//! Replica groups found through DNS. Each group's name is looked up at start and again every
-//! health interval, sooner when its records' TTL runs out first; every address found is one
-//! replica with the group's settings. A failed or empty lookup is logged and counted and the
-//! last good set stays: DNS trouble never empties the fleet.
+//! Replica groups found through DNS, and replica urls that name a host. Each group's name is
+//! looked up at start and again every health interval, sooner when its records' TTL runs out
+//! first; every address found is one replica with the group's settings. A failed or empty
+//! lookup is logged and counted and the last good set stays: DNS trouble never empties the
+//! fleet. A `[[replicas]]` url's host name is looked up on the same schedule, and sessions
+//! connect to what the last good lookup found, not to a fresh lookup each.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use hickory_resolver::TokioResolver;
 use tokio::time::Instant;
 
 use crate::config::{Discovery, GroupLookup};
-use crate::registry::{Found, Registry};
+use crate::registry::{Found, Registry, Replica};
 
 /// Never look a name up again sooner than this, whatever its TTL says (a TTL of 0 must not
 /// turn into a busy loop).
@@ -123,9 +125,11 @@ impl Resolver {
     }
 }
 
-/// The discovery loop: runs while there are groups, reading groups and settings afresh after
-/// every reload.
-pub async fn run(registry: Arc<Registry>) {
+/// The discovery loop: runs while there are groups or host names to look up, reading them and
+/// the settings afresh after every reload. `first_pass` is told when the first round of
+/// lookups is done (the health loop waits for it, so a first probe does not miss the names).
+pub async fn run(registry: Arc<Registry>, first_pass: tokio::sync::oneshot::Sender<()>) {
+    let mut first_pass = Some(first_pass);
     let mut resolver: Option<(Discovery, Resolver)> = None;
     // The last error logged per group: a failure that repeats is logged once.
     let mut reported: HashMap<String, String> = HashMap::new();
@@ -133,7 +137,15 @@ pub async fn run(registry: Arc<Registry>) {
         let reconfigured = registry.reconfigured();
         let (groups, discovery) = registry.groups();
         let check = registry.health_check();
-        if groups.is_empty() {
+        let named: Vec<Arc<Replica>> = registry
+            .replicas()
+            .into_iter()
+            .filter(|r| r.host_name().is_some() && r.group.is_none())
+            .collect();
+        if groups.is_empty() && named.is_empty() {
+            if let Some(done) = first_pass.take() {
+                let _ = done.send(());
+            }
             reconfigured.await;
             continue;
         }
@@ -179,6 +191,41 @@ pub async fn run(registry: Arc<Registry>) {
                 }
                 registry.lookup_failed(&group.name, empty, error);
             }
+            let hosts = named.iter().map(|replica| async move {
+                let (host, port) = replica.host_name().expect("filtered on it");
+                let lookup = GroupLookup::Host {
+                    name: host.to_string(),
+                    port,
+                };
+                let result = tokio::time::timeout(deadline, resolver.resolve(&lookup))
+                    .await
+                    .unwrap_or_else(|_| Err(LookupError::Failed("timed out".to_string())));
+                (replica, result)
+            });
+            for (replica, result) in join_all(hosts).await {
+                let error = match result {
+                    Ok((found, valid_until)) if !found.is_empty() => {
+                        reported.remove(&replica.url);
+                        replica.set_addresses(
+                            found
+                                .iter()
+                                .map(|f| std::net::SocketAddr::new(f.ip, f.port))
+                                .collect(),
+                        );
+                        next = next.min(valid_until.max(now + MIN_REFRESH));
+                        continue;
+                    }
+                    Ok(_) => LookupError::NoRecords.to_string(),
+                    Err(error) => error.to_string(),
+                };
+                if reported.get(&replica.url) != Some(&error) {
+                    tracing::warn!(replica = %replica.name, %error, "replica host name lookup found nothing; connecting to its last addresses");
+                    reported.insert(replica.url.clone(), error);
+                }
+            }
+        }
+        if let Some(done) = first_pass.take() {
+            let _ = done.send(());
         }
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}

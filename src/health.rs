@@ -60,6 +60,8 @@ pub struct HttpProbe {
 struct IdleConnection {
     sender: http1::SendRequest<Empty<Bytes>>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The addresses its host name had when it was kept: a name that moved is probed anew.
+    addresses: Option<Arc<Vec<std::net::SocketAddr>>>,
 }
 
 impl HttpProbe {
@@ -67,14 +69,23 @@ impl HttpProbe {
         HttpProbe::default()
     }
 
-    fn take_idle(&self, replica: &Replica) -> Option<http1::SendRequest<Empty<Bytes>>> {
+    fn take_idle(
+        &self,
+        replica: &Replica,
+        addresses: &Option<Arc<Vec<std::net::SocketAddr>>>,
+    ) -> Option<http1::SendRequest<Empty<Bytes>>> {
         let idle = self.idle.lock().unwrap().remove(&replica.url)?;
         let same_tls = match (&idle.tls, &replica.tls) {
             (None, None) => true,
             (Some(old), Some(new)) => Arc::ptr_eq(old, &new.config),
             _ => false,
         };
-        (same_tls && !idle.sender.is_closed()).then_some(idle.sender)
+        let same_addresses = match (&idle.addresses, addresses) {
+            (None, None) => true,
+            (Some(old), Some(new)) => Arc::ptr_eq(old, new),
+            _ => false,
+        };
+        (same_tls && same_addresses && !idle.sender.is_closed()).then_some(idle.sender)
     }
 }
 
@@ -82,11 +93,17 @@ fn put_idle(
     idle: &Mutex<HashMap<String, IdleConnection>>,
     replica: &Replica,
     sender: http1::SendRequest<Empty<Bytes>>,
+    addresses: Option<Arc<Vec<std::net::SocketAddr>>>,
 ) {
     let tls = replica.tls.as_ref().map(|tls| tls.config.clone());
-    idle.lock()
-        .unwrap()
-        .insert(replica.url.clone(), IdleConnection { sender, tls });
+    idle.lock().unwrap().insert(
+        replica.url.clone(),
+        IdleConnection {
+            sender,
+            tls,
+            addresses,
+        },
+    );
 }
 
 /// A new connection to `replica`, ready for requests.
@@ -174,7 +191,9 @@ impl Probe for HttpProbe {
     fn probe(&self, replica: &Arc<Replica>, path: &str) -> ProbeFuture {
         let replica = replica.clone();
         let path = path.to_string();
-        let reused = self.take_idle(&replica);
+        // Taken first: a connection opened from here on is at these addresses or newer ones.
+        let addresses = replica.addresses();
+        let reused = self.take_idle(&replica, &addresses);
         let idle = self.idle.clone();
         Box::pin(async move {
             let (mut sender, mut fresh) = match reused {
@@ -217,7 +236,7 @@ impl Probe for HttpProbe {
                     }
                 }
             };
-            put_idle(&idle, &replica, sender);
+            put_idle(&idle, &replica, sender, addresses);
             let report = report_from(status, &body);
             if status.as_u16() >= 400 && status != hyper::StatusCode::SERVICE_UNAVAILABLE {
                 return Err(ProbeError::new(

@@ -65,6 +65,9 @@ struct Live {
     handshake_seconds: Histogram,
     /// The published health status, for sessions that must react when it changes.
     status: watch::Sender<Status>,
+    /// For a url with a host name: the addresses its last good lookup found (the discovery
+    /// loop looks it up once per cycle, not once per connect).
+    addresses: arc_swap::ArcSwapOption<Vec<std::net::SocketAddr>>,
 }
 
 impl Live {
@@ -78,6 +81,7 @@ impl Live {
             traffic: Traffic::default(),
             handshake_seconds: Histogram::new(HANDSHAKE_BOUNDS),
             status: watch::Sender::new(Status::Unknown),
+            addresses: arc_swap::ArcSwapOption::empty(),
         }
     }
 }
@@ -116,6 +120,29 @@ impl Replica {
             removed: true,
             group: self.group.clone(),
             live: self.live.clone(),
+        }
+    }
+
+    /// The host name and port to look up, for a url that names its host (not an address).
+    pub fn host_name(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.authority.rsplit_once(':')?;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if bare.parse::<IpAddr>().is_ok() {
+            return None;
+        }
+        Some((host, port.parse().ok()?))
+    }
+
+    /// Where to connect: the addresses of the last good lookup of its host name, if any.
+    pub fn addresses(&self) -> Option<Arc<Vec<std::net::SocketAddr>>> {
+        self.live.addresses.load_full()
+    }
+
+    /// Keep what a lookup of its host name found (not empty).
+    pub fn set_addresses(&self, addresses: Vec<std::net::SocketAddr>) {
+        if self.addresses().as_deref() != Some(&addresses) {
+            tracing::debug!(replica = %self.name, ?addresses, "replica host name resolved");
+            self.live.addresses.store(Some(Arc::new(addresses)));
         }
     }
 

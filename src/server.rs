@@ -58,6 +58,9 @@ pub enum Drain {
     TimedOut { sessions_left: usize },
 }
 
+/// How long the health loop waits for the first DNS lookups at start.
+const FIRST_LOOKUPS: Duration = Duration::from_secs(5);
+
 /// Connections the admin listener takes at once (it serves scrapes and probes, not clients).
 const ADMIN_CONNECTIONS: usize = 64;
 
@@ -175,8 +178,17 @@ impl Router {
     /// runtime accepting from the same listener, so a session lives on one thread from accept
     /// to close. Dropping this future stops every worker and drops its sessions.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
-        let health = tokio::spawn(health::run(self.registry.clone(), self.probe.clone()));
-        let discovery = tokio::spawn(crate::discovery::run(self.registry.clone()));
+        let (first_lookups, looked_up) = tokio::sync::oneshot::channel();
+        let discovery = tokio::spawn(crate::discovery::run(self.registry.clone(), first_lookups));
+        let health = tokio::spawn({
+            let (registry, probe) = (self.registry.clone(), self.probe.clone());
+            async move {
+                // The first probes go to what the first lookups found (bounded: DNS that does
+                // not answer must not hold health back).
+                let _ = tokio::time::timeout(FIRST_LOOKUPS, looked_up).await;
+                health::run(registry, probe).await
+            }
+        });
         // Workers run until this is dropped: when serve returns or its future is dropped.
         let (_workers_alive, workers_stop) = watch::channel(());
         for index in 1..self.workers {

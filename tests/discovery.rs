@@ -340,3 +340,77 @@ async fn wsrouter_check_looks_groups_up_and_names_the_one_that_finds_nothing() {
         "{said}"
     );
 }
+
+#[tokio::test]
+async fn a_replica_url_with_a_host_name_is_looked_up_once_per_cycle_not_per_session() {
+    let dns = TestDns::start().await;
+    let (replicas, port) = replicas_on_one_port(16, 2).await;
+    // A name only this DNS server knows: the system's resolver could not find it.
+    dns.set_addresses("one.gpu.test", &[ip(&replicas[0])], 1);
+    let router = TestRouter::start(config(
+        &[format!("http://one.gpu.test:{port}")],
+        &format!(
+            "[discovery]\nnameserver = \"{}\"\n[health_check]\ninterval_seconds = 60",
+            dns.addr
+        ),
+    ))
+    .await;
+    router
+        .wait_status(0, wsrouter::registry::Status::Healthy)
+        .await;
+    let queries = dns.queries();
+    for _ in 0..20 {
+        let mut ws = connect(router.addr).await;
+        echo_once(&mut ws, b"to the name's address").await;
+    }
+    assert_eq!(replicas[0].connections(), 21, "a probe and 20 sessions");
+    // A lookup (A and AAAA) a second at most went by: far from one per session.
+    assert!(
+        dns.queries() - queries < 10,
+        "{} queries for 20 sessions",
+        dns.queries() - queries
+    );
+    // The name moves: sessions follow within a TTL.
+    dns.set_addresses("one.gpu.test", &[ip(&replicas[1])], 1);
+    bounded("a session on the name's new address", async {
+        loop {
+            let mut ws = connect(router.addr).await;
+            echo_once(&mut ws, b"where is it now").await;
+            if replicas[1].connections() > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_probes_follow_a_host_name_that_moves() {
+    let dns = TestDns::start().await;
+    let (replicas, port) = replicas_on_one_port(18, 2).await;
+    dns.set_addresses("two.gpu.test", &[ip(&replicas[0])], 1);
+    let router = TestRouter::start(config(
+        &[format!("http://two.gpu.test:{port}")],
+        &format!("[discovery]\nnameserver = \"{}\"", dns.addr),
+    ))
+    .await;
+    until("probes of the first address", || {
+        replicas[0].health_checks() > 2
+    })
+    .await;
+    dns.set_addresses("two.gpu.test", &[ip(&replicas[1])], 1);
+    // The kept-alive probe connection to the old address is not reused.
+    until("probes of the new address", || {
+        replicas[1].health_checks() > 2
+    })
+    .await;
+    let before = replicas[0].health_checks();
+    until("a few more probes", || replicas[1].health_checks() > 6).await;
+    assert_eq!(
+        replicas[0].health_checks(),
+        before,
+        "the old address is no longer probed"
+    );
+    drop(router);
+}

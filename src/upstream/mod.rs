@@ -205,9 +205,13 @@ impl tower::Service<Arc<Replica>> for Connector {
 
     fn call(&mut self, replica: Arc<Replica>) -> Self::Future {
         Box::pin(async move {
-            let stream = TcpStream::connect(&replica.authority)
-                .await
-                .map_err(ConnectError::from_connect)?;
+            // A host name is looked up once per cycle by the discovery loop; until its first
+            // good answer, by the system resolver here.
+            let stream = match replica.addresses() {
+                Some(addresses) => TcpStream::connect(&addresses[..]).await,
+                None => TcpStream::connect(&replica.authority).await,
+            }
+            .map_err(ConnectError::from_connect)?;
             crate::net::prepare_socket(&stream).map_err(ConnectError::from_connect)?;
             let Some(tls) = &replica.tls else {
                 return Ok(UpstreamStream::Tcp(stream));
