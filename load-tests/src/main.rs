@@ -109,10 +109,27 @@ enum Mode {
         #[arg(long)]
         dir: std::path::PathBuf,
     },
-    /// Run an echo replica (GET /health, WS /v1/stream) on 127.0.0.1:PORT.
+    /// Run an echo replica (GET /health, WS /v1/stream) on HOST:PORT (loopback only). Its
+    /// health answer reports its sessions: {"status":"ok","sessions":N}.
     Replica {
         #[arg(long)]
         port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Report this capacity in the health answer ("max_sessions").
+        #[arg(long)]
+        max_sessions: Option<u64>,
+        /// Stop by itself after this many seconds.
+        #[arg(long, default_value_t = 3600.0)]
+        max_seconds: f64,
+    },
+    /// Serve DNS (UDP) on 127.0.0.1:PORT from a zone file of `name address ttl` lines, read
+    /// again for every query (rewrite it to move replicas in and out).
+    Dns {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        zone: std::path::PathBuf,
         /// Stop by itself after this many seconds.
         #[arg(long, default_value_t = 3600.0)]
         max_seconds: f64,
@@ -149,7 +166,17 @@ fn main() {
                 warm_bytes,
                 pids,
             } => idle(target, connections, hold, warm_bytes, pids).await,
-            Mode::Replica { port, max_seconds } => replica(port, max_seconds).await,
+            Mode::Replica {
+                port,
+                host,
+                max_sessions,
+                max_seconds,
+            } => replica(host, port, max_sessions, max_seconds).await,
+            Mode::Dns {
+                port,
+                zone,
+                max_seconds,
+            } => dns(port, zone, max_seconds).await,
             Mode::Cert { dir } => cert(&dir),
         }
     });
@@ -657,12 +684,27 @@ async fn idle(
     Ok(Some(line.to_string()))
 }
 
-async fn replica(port: u16, max_seconds: f64) -> Result<Option<String>, String> {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+async fn replica(
+    host: IpAddr,
+    port: u16,
+    max_sessions: Option<u64>,
+    max_seconds: f64,
+) -> Result<Option<String>, String> {
+    if !host.is_loopback() {
+        return Err(format!("{host} is not a loopback address"));
+    }
+    let addr = SocketAddr::new(host, port);
     let replica = wsrouter::echo::EchoReplica::start_on(addr)
         .await
         .map_err(|e| format!("bind {addr}: {e}"))?;
+    replica.set_reported_max_sessions(max_sessions);
     eprintln!("wsload replica: echo at {}", replica.url());
+    until_stopped(max_seconds).await;
+    Ok(None)
+}
+
+/// Wait for `max_seconds`, SIGINT or SIGTERM.
+async fn until_stopped(max_seconds: f64) {
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_secs_f64(max_seconds)) => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -672,6 +714,71 @@ async fn replica(port: u16, max_seconds: f64) -> Result<Option<String>, String> 
                 Err(_) => std::future::pending::<()>().await,
             }
         } => {}
+    }
+}
+
+/// A DNS server for the fleet script: A and AAAA answers from `zone`, read at every query.
+async fn dns(
+    port: u16,
+    zone: std::path::PathBuf,
+    max_seconds: f64,
+) -> Result<Option<String>, String> {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::{A, AAAA};
+    use hickory_proto::rr::{RData, Record, RecordType};
+    let socket = tokio::net::UdpSocket::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))?;
+    eprintln!("wsload dns: serving {} on 127.0.0.1:{port}", zone.display());
+    let serve = async {
+        let mut buffer = vec![0u8; 4096];
+        loop {
+            let Ok((len, from)) = socket.recv_from(&mut buffer).await else {
+                continue;
+            };
+            let Ok(request) = Message::from_vec(&buffer[..len]) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&zone).unwrap_or_default();
+            let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+            response.metadata.authoritative = true;
+            response.metadata.recursion_desired = request.metadata.recursion_desired;
+            response.metadata.recursion_available = true;
+            for query in &request.queries {
+                response.add_query(query.clone());
+                let name = query.name().to_ascii().to_ascii_lowercase();
+                let mut known = false;
+                for line in text.lines() {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let [record_name, address, ttl] = fields[..] else {
+                        continue;
+                    };
+                    if record_name.to_ascii_lowercase().trim_end_matches('.')
+                        != name.trim_end_matches('.')
+                    {
+                        continue;
+                    }
+                    known = true;
+                    let ttl: u32 = ttl.parse().unwrap_or(1);
+                    let rdata = match (address.parse::<IpAddr>(), query.query_type()) {
+                        (Ok(IpAddr::V4(ip)), RecordType::A) => RData::A(A(ip)),
+                        (Ok(IpAddr::V6(ip)), RecordType::AAAA) => RData::AAAA(AAAA(ip)),
+                        _ => continue,
+                    };
+                    response.add_answer(Record::from_rdata(query.name().clone(), ttl, rdata));
+                }
+                if !known {
+                    response.metadata.response_code = ResponseCode::NXDomain;
+                }
+            }
+            if let Ok(bytes) = response.to_vec() {
+                let _ = socket.send_to(&bytes, from).await;
+            }
+        }
+    };
+    tokio::select! {
+        () = serve => {}
+        () = until_stopped(max_seconds) => {}
     }
     Ok(None)
 }
