@@ -178,6 +178,7 @@ async fn demo(port: u16) -> ExitCode {
     );
     println!("  WebSocket: ws://127.0.0.1:{port}/v1/stream   (every frame is echoed back)");
     println!("  status:    curl http://127.0.0.1:{port}/status");
+    println!("  page:      http://127.0.0.1:{port}/   (live status page; open it in a browser)");
     println!("  Ctrl-C stops the demo.");
     serve(router).await
 }
