@@ -20,6 +20,10 @@ use tokio::time::Instant;
 use crate::config::{Discovery, GroupLookup};
 use crate::registry::{Found, Registry, Replica};
 
+/// The most replicas one group takes from an answer: a DNS server that answers with thousands
+/// of addresses must not turn into thousands of probes and connections.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+
 /// Never look a name up again sooner than this, whatever its TTL says (a TTL of 0 must not
 /// turn into a busy loop).
 const MIN_REFRESH: Duration = Duration::from_secs(1);
@@ -86,7 +90,7 @@ impl Resolver {
         &self,
         lookup: &GroupLookup,
     ) -> Result<(Vec<Found>, Instant), LookupError> {
-        let (mut found, valid_until) = match lookup {
+        let (found, valid_until) = match lookup {
             GroupLookup::Host { name, port } => {
                 let ips = self.0.lookup_ip(name.as_str()).await?;
                 let found = ips
@@ -104,9 +108,13 @@ impl Resolver {
                 let mut valid_until = records.valid_until();
                 let mut found = Vec::new();
                 for record in records.answers() {
+                    // Port 0 is no place to connect to.
                     let RData::SRV(srv) = &record.data else {
                         continue;
                     };
+                    if srv.port == 0 {
+                        continue;
+                    }
                     let target = srv.target.to_ascii();
                     let ips = self.0.lookup_ip(target.as_str()).await?;
                     valid_until = valid_until.min(ips.valid_until());
@@ -119,10 +127,24 @@ impl Resolver {
                 (found, valid_until)
             }
         };
-        found.sort_by_key(|f| (f.ip, f.port));
-        found.dedup_by(|a, b| (a.ip, a.port) == (b.ip, b.port));
-        Ok((found, Instant::from_std(valid_until)))
+        Ok((bounded(found), Instant::from_std(valid_until)))
     }
+}
+
+/// Sorted, without duplicates, and at most [`MAX_GROUP_MEMBERS`] (the lowest addresses, so
+/// every router keeps the same ones).
+fn bounded(mut found: Vec<Found>) -> Vec<Found> {
+    found.sort_by_key(|f| (f.ip, f.port));
+    found.dedup_by(|a, b| (a.ip, a.port) == (b.ip, b.port));
+    if found.len() > MAX_GROUP_MEMBERS {
+        tracing::warn!(
+            found = found.len(),
+            kept = MAX_GROUP_MEMBERS,
+            "DNS answered with more addresses than a group takes; keeping the lowest"
+        );
+        found.truncate(MAX_GROUP_MEMBERS);
+    }
+    found
 }
 
 /// The discovery loop: runs while there are groups or host names to look up, reading them and
@@ -261,4 +283,26 @@ pub async fn check_groups(config: &crate::config::Config) -> Result<Vec<(String,
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_sorted_deduplicated_and_bounded() {
+        let found = |i: u32, port| Found {
+            ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+            port,
+            host: "many.test".into(),
+        };
+        let answer: Vec<Found> = (0..5000).rev().chain(0..10).map(|i| found(i, 80)).collect();
+        let kept = bounded(answer);
+        assert_eq!(kept.len(), MAX_GROUP_MEMBERS);
+        assert_eq!(kept[0], found(0, 80));
+        assert_eq!(
+            kept[MAX_GROUP_MEMBERS - 1],
+            found(MAX_GROUP_MEMBERS as u32 - 1, 80)
+        );
+    }
 }

@@ -174,8 +174,10 @@ async fn srv_records_supply_each_replicas_host_and_port() {
         .unwrap();
     dns.set_srv(
         "_ws._tcp.streamer.gpu.test",
+        // A record with port 0 is skipped, not a replica.
         &[
             (a.addr().port(), "a.gpu.test"),
+            (0, "a.gpu.test"),
             (b.addr().port(), "b.gpu.test"),
         ],
         1,

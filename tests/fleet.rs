@@ -122,3 +122,72 @@ async fn a_replica_that_says_it_drains_takes_no_new_sessions_and_keeps_its_live_
     })
     .await;
 }
+
+/// A replica whose every `GET /health` (kept alive) is answered 200 with `body`.
+async fn answering_health(body: Vec<u8>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                loop {
+                    let Ok(byte) = stream.read_u8().await else {
+                        return;
+                    };
+                    head.push(byte);
+                    if head.ends_with(b"\r\n\r\n") {
+                        head.clear();
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err()
+                            || stream.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_health_answer_too_long_to_read_is_a_failed_probe() {
+    let addr = answering_health(vec![b' '; 100 * 1024]).await;
+    let router = TestRouter::start(config(&[format!("http://{addr}")], "")).await;
+    router.wait_status(0, Status::Unhealthy).await;
+    let snapshot = router.registry.snapshot();
+    let error = snapshot.replicas[0].health.last_error.clone().unwrap();
+    assert!(error.contains("longer than 65536 bytes"), "{error}");
+}
+
+#[tokio::test]
+async fn absurd_reports_neither_crash_nor_overflow_and_a_zero_capacity_takes_nothing() {
+    let addr = answering_health(
+        br#"{"status":"ok","sessions":18446744073709551615,"max_sessions":0}"#.to_vec(),
+    )
+    .await;
+    let router = TestRouter::start(config(&[format!("http://{addr}")], "")).await;
+    router.wait_status(0, Status::Healthy).await;
+    until("the report", || {
+        router.registry.snapshot().replicas[0]
+            .health
+            .reported
+            .is_some()
+    })
+    .await;
+    let state = router.registry.snapshot().replicas[0].clone();
+    assert_eq!((state.load(), state.capacity()), (u64::MAX, Some(0)));
+    assert!(state.is_full());
+    let mut ws = connect(router.addr).await;
+    let (json, code, _) = read_error_and_close(&mut ws).await;
+    assert_eq!(code, 1013, "{json}");
+    let status = raw_http(router.addr, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(status.contains("\"load\":18446744073709551615"), "{status}");
+}

@@ -40,8 +40,7 @@ async fn streaming_replica(written: Arc<AtomicU64>) -> SocketAddr {
                         .await;
                     return;
                 }
-                let accept = common::accept_for(&head);
-                let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
+                let response = common::switching_protocols(&head);
                 if stream.write_all(response.as_bytes()).await.is_err() {
                     return;
                 }

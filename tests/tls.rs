@@ -564,14 +564,7 @@ async fn streaming_replica(written: Arc<std::sync::atomic::AtomicU64>) -> Socket
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.unwrap());
-        }
-        let accept = accept_for(&String::from_utf8_lossy(&head));
-        let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
-        stream.write_all(response.as_bytes()).await.unwrap();
+        let mut stream = accept_one_upgrade(&listener).await;
         let frame = raw_frame(0x82, &[0x5a; 64 << 10], false);
         while stream.write_all(&frame).await.is_ok() {
             written.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::SeqCst);

@@ -318,6 +318,27 @@ pub enum RawMode {
 }
 
 /// The `Sec-WebSocket-Accept` answering the key in a raw request head.
+/// The 101 a replica answers the upgrade request `head` with.
+pub fn switching_protocols(head: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
+        accept_for(head)
+    )
+}
+
+/// Accept one connection on `listener`, read its upgrade request and answer 101.
+pub async fn accept_one_upgrade(listener: &tokio::net::TcpListener) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.unwrap());
+    }
+    let response = switching_protocols(&String::from_utf8_lossy(&head));
+    stream.write_all(response.as_bytes()).await.unwrap();
+    stream
+}
+
 pub fn accept_for(head: &str) -> String {
     let key = head
         .lines()
@@ -406,7 +427,7 @@ pub async fn raw_replica_with(
                     }
                     RawMode::Status(code) => format!("HTTP/1.1 {code} Nope\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
                     RawMode::WrongAccept => "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n".to_string(),
-                    RawMode::Stream | RawMode::Mute => format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"),
+                    RawMode::Stream | RawMode::Mute => switching_protocols(&head),
                 };
                 if stream.write_all(response.as_bytes()).await.is_err() {
                     return;
@@ -692,14 +713,7 @@ pub async fn recording_replica(
     let (chunks, received) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.unwrap());
-        }
-        let accept = accept_for(&String::from_utf8_lossy(&head));
-        let response = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
-        stream.write_all(response.as_bytes()).await.unwrap();
+        let mut stream = accept_one_upgrade(&listener).await;
         stream.write_all(&after_101).await.unwrap();
         if after_101.is_empty() {
             let mut buf = vec![0u8; 64 * 1024];
