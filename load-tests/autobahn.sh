@@ -4,7 +4,12 @@
 # through the router must equal the direct one, and no case may fail.
 #
 #   load-tests/autobahn.sh                 # quick set: all but 9.* (performance) and 12.*/13.* (compression)
+#   CASES=compression load-tests/autobahn.sh  # 12.* and 13.* (permessage-deflate) only
 #   CASES=full load-tests/autobahn.sh      # every case (about a minute more)
+#
+# The echo replica is wsrouter's own (no extensions), except for the compression set, whose
+# replica is the suite's own testee server (`wstest -m testeeserver`), which accepts
+# permessage-deflate: the router passes the negotiation and the compressed frames through.
 #   PROFILE=debug load-tests/autobahn.sh   # use debug builds (what CI does; the quick set does not need speed)
 #
 # Needs Python 2.7 (autobahntestsuite is Python 2 only): $PYTHON2, else pyenv's 2.7, else
@@ -44,7 +49,25 @@ source load-tests/fleet.sh
 fleet_build
 replica_port=$(free_port)
 router_port=$(free_port)
-fleet_replica "$replica_port" "$((MAX_SECONDS + 120))"
+if [[ $CASES == compression ]]; then
+    # It answers a plain GET (the router's health probe) with a status page.
+    timeout "$((MAX_SECONDS + 120))" "$env_dir/bin/wstest" -m testeeserver -w "ws://127.0.0.1:$replica_port" \
+        > "$WORK/testee.log" 2>&1 &
+    pids+=($!)
+    python3 - "$replica_port" <<'PY'
+import socket, sys, time
+for _ in range(200):
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("autobahn.sh: the testee server did not start")
+PY
+else
+    fleet_replica "$replica_port" "$((MAX_SECONDS + 120))"
+fi
 # The suite's largest frames (9.*) are 16 MiB.
 fleet_router "$router_port" 'max_frame_bytes = 67108864' "" "$replica_port"
 # The same behind a TLS listener, with a certificate made for the run.
@@ -57,8 +80,9 @@ STATUS_PORT=$admin_port fleet_router "$tls_port" 'max_frame_bytes = 67108864' \
 
 case $CASES in
     quick) cases='["*"]'; exclude='["9.*", "12.*", "13.*"]' ;;
+    compression) cases='["12.*", "13.*"]'; exclude='[]' ;;
     full) cases='["*"]'; exclude='[]' ;;
-    *) echo "autobahn.sh: CASES must be quick or full" >&2; exit 2 ;;
+    *) echo "autobahn.sh: CASES must be quick, compression or full" >&2; exit 2 ;;
 esac
 rm -rf "$WORK/report"
 cat > "$WORK/fuzzingclient.json" <<JSON

@@ -9,7 +9,8 @@
 //! partial frame; it grows only as bytes arrive (to at most 8 times what a peer has sent); and
 //! large frames of every data kind are streamed, never held whole.
 //!
-//! Checks: reserved bits, opcode, fragmented control frames, control frames over 125 bytes,
+//! Checks: reserved bits (RSV1 only opens a compressed message, and only where
+//! permessage-deflate was negotiated: see [`FrameReader::compressed`]), opcode, fragmented control frames, control frames over 125 bytes,
 //! the frame size limit, the mask (a server's frames must not be masked, a client's must be:
 //! RFC 6455 5.1), and UTF-8 of text messages, across fragments and reads.
 
@@ -68,6 +69,8 @@ pub struct Head {
     mask: Option<[u8; 4]>,
     head_len: usize,
     payload_len: usize,
+    /// RSV1: the first frame of a permessage-deflate message.
+    compressed: bool,
     /// Handed out before its payload is in: see [`FrameReader::start_stream`].
     streamed: bool,
 }
@@ -85,9 +88,18 @@ impl Head {
 /// A frame handed out whole.
 pub struct Taken<'a> {
     pub frame: Frame<'a>,
-    /// The payload is still masked, under `frame.mask` (re-keyed, never unmasked): write it as
-    /// it is.
+    /// What the writer must carry over besides the frame's fields.
+    pub wire: Wire,
+}
+
+/// How a forwarded frame goes back on the wire, beyond what [`Frame`] holds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wire {
+    /// The payload is still masked, under the frame's mask (re-keyed, never unmasked): write
+    /// it as it is.
     pub premasked: bool,
+    /// RSV1 set: the first frame of a compressed message, passed on compressed.
+    pub compressed: bool,
 }
 
 /// A streamed frame on its way: the header to send on (same fin bit, opcode and length, the
@@ -125,6 +137,8 @@ pub struct FrameReader {
     requires_mask: bool,
     /// A fragmented text message is open: its continuations are text.
     in_text: bool,
+    /// permessage-deflate was negotiated: a data message may open with RSV1 set.
+    compression: bool,
 }
 
 impl FrameReader {
@@ -138,7 +152,16 @@ impl FrameReader {
             text: Utf8Stream::default(),
             requires_mask: role == Role::Server,
             in_text: false,
+            compression: false,
         }
+    }
+
+    /// Accept compressed messages (permessage-deflate was negotiated): RSV1 on a message's
+    /// first frame. Their payload is passed on as it came; a compressed text message cannot be
+    /// checked for UTF-8 without inflating it, so that check is left to the endpoints.
+    pub fn compressed(mut self, negotiated: bool) -> Self {
+        self.compression = negotiated;
+        self
     }
 
     /// Every byte read so far belongs to a frame already handed out.
@@ -206,13 +229,14 @@ impl FrameReader {
             )
     }
 
-    /// Whether a data frame starting with `head` carries text, and note where the message
-    /// stands (a text or binary frame opens one; a final frame closes it).
+    /// Whether a data frame starting with `head` carries text to check (uncompressed), and
+    /// note where the message stands (a text or binary frame opens one; a final frame closes
+    /// it).
     fn enter_frame(&mut self, head: &Head) -> bool {
         let text = match head.opcode {
             OpCode::Text => {
                 self.text.reset();
-                true
+                !head.compressed
             }
             OpCode::Binary => false,
             OpCode::Continuation => self.in_text,
@@ -230,7 +254,7 @@ impl FrameReader {
     }
 
     /// Hand out the frame found. With `new_key`, a masked frame that need not be read (binary
-    /// data) is moved to that key in one pass instead of being unmasked ([`Taken::premasked`]);
+    /// data) is moved to that key in one pass instead of being unmasked ([`Wire::premasked`]);
     /// anything else comes out unmasked, text checked.
     pub fn take_rekeyed(
         &mut self,
@@ -242,6 +266,7 @@ impl FrameReader {
         let payload_start = self.start + head.head_len;
         self.start = payload_start + head.payload_len;
         let payload = &mut self.buf[payload_start..self.start];
+        let compressed = head.compressed;
         let premasked = match (head.mask, new_key) {
             (Some(old), Some(new)) if !text && is_data(head.opcode) => {
                 super::rekey(payload, old, new, 0);
@@ -262,7 +287,10 @@ impl FrameReader {
         let mask = if premasked { new_key } else { head.mask };
         Ok(Taken {
             frame: Frame::new(head.fin, head.opcode, mask, Payload::BorrowedMut(payload)),
-            premasked,
+            wire: Wire {
+                premasked,
+                compressed,
+            },
         })
     }
 
@@ -278,7 +306,7 @@ impl FrameReader {
         let keys = head.mask.map(|old| (old, new_key.unwrap_or(old)));
         // Streamed frames are all longer than 0xffff bytes: the 8-byte length form.
         let mut bytes = [0u8; 14];
-        bytes[0] = (head.fin as u8) << 7 | head.opcode as u8;
+        bytes[0] = (head.fin as u8) << 7 | (head.compressed as u8) << 6 | head.opcode as u8;
         bytes[1] = if keys.is_some() { 0x80 } else { 0 } | 127;
         bytes[2..10].copy_from_slice(&(head.payload_len as u64).to_be_bytes());
         let mut len = 10;
@@ -394,11 +422,15 @@ impl FrameReader {
         if !self.requires_mask && masked {
             return Err(mask_violation("server frame is masked"));
         }
-        if first & 0x70 != 0 {
-            return Err(WebSocketError::ReservedBitsNotZero);
-        }
         let fin = first & 0x80 != 0;
         let opcode = OpCode::try_from(first & 0x0f)?;
+        // RFC 7692 6: RSV1 marks a compressed message on its first frame only.
+        let compressed = first & 0x70 == 0x40
+            && self.compression
+            && matches!(opcode, OpCode::Text | OpCode::Binary);
+        if first & 0x70 != 0 && !compressed {
+            return Err(WebSocketError::ReservedBitsNotZero);
+        }
         let length_bytes = match second & 0x7f {
             126 => 2,
             127 => 8,
@@ -435,6 +467,7 @@ impl FrameReader {
             mask,
             head_len,
             payload_len: payload_len as usize,
+            compressed,
             streamed: false,
         }))
     }
@@ -660,7 +693,7 @@ mod tests {
             .await
             .unwrap();
         let taken = frames.take_rekeyed(head, Some(new)).unwrap();
-        assert!(taken.premasked);
+        assert!(taken.wire.premasked);
         let mut expected = payload.clone();
         fastwebsockets::unmask(&mut expected, new);
         assert_eq!(&taken.frame.payload[..], &expected[..]);
@@ -668,7 +701,7 @@ mod tests {
             .await
             .unwrap();
         let taken = frames.take_rekeyed(head, Some(new)).unwrap();
-        assert!(!taken.premasked, "text is read, so it comes out plain");
+        assert!(!taken.wire.premasked, "text is read, so it comes out plain");
         assert_eq!(&taken.frame.payload[..], b"plain text");
     }
 

@@ -14,6 +14,8 @@ use std::task::{ready, Context, Poll};
 use fastwebsockets::{Frame, OpCode, Role, WebSocketError};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use super::Wire;
+
 /// Writes at least this large go straight to the socket once the buffer is empty.
 const DIRECT_WRITE_BYTES: usize = 16 * 1024;
 /// A burst is pushed out once this much has been buffered, even before the flush.
@@ -47,25 +49,28 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// [`FrameWriter::flush`] unless the buffer fills. Its payload is plain: a client writer
     /// masks it under a fresh key (RFC 6455 5.3), whatever key the frame came with.
     pub async fn write_frame(&mut self, frame: Frame<'_>) -> Result<(), WebSocketError> {
-        self.write(frame, false).await
+        self.write_forwarded(frame, Wire::default()).await
     }
 
-    /// As [`FrameWriter::write_frame`] for a payload already masked under `frame.mask` (a
-    /// client writer only): written as it is.
-    pub async fn write_premasked(&mut self, frame: Frame<'_>) -> Result<(), WebSocketError> {
-        self.write(frame, true).await
-    }
-
-    async fn write(&mut self, frame: Frame<'_>, premasked: bool) -> Result<(), WebSocketError> {
+    /// As [`FrameWriter::write_frame`] for a frame passed on as `wire` says: a payload
+    /// already masked under `frame.mask` (a client writer only) is written as it is, a
+    /// compressed one keeps RSV1.
+    pub async fn write_forwarded(
+        &mut self,
+        frame: Frame<'_>,
+        wire: Wire,
+    ) -> Result<(), WebSocketError> {
         let total = self.check(&frame)?;
         if self.buf.len() + total > MAX_BUFFERED_BYTES {
             std::future::poll_fn(|cx| self.poll_drain(cx)).await?;
         }
         if self.buf.is_empty() && total >= DIRECT_WRITE_BYTES {
-            let mut frame = self.prepare(frame, premasked);
-            frame.writev(&mut self.inner).await?;
+            // The header alone is queued: it goes out in one vectored write with the payload.
+            let mut frame = self.prepare(frame, wire.premasked);
+            self.append_head(&mut frame, wire.compressed);
+            self.write_raw(&frame.payload).await?;
         } else {
-            self.append(frame, premasked);
+            self.append(frame, wire);
         }
         Ok(())
     }
@@ -77,13 +82,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn try_queue<'f>(
         &mut self,
         frame: Frame<'f>,
-        premasked: bool,
+        wire: Wire,
     ) -> Result<Option<Frame<'f>>, WebSocketError> {
         let total = self.check(&frame)?;
         if total >= DIRECT_WRITE_BYTES || self.buf.len() + total > MAX_BUFFERED_BYTES {
             return Ok(Some(frame));
         }
-        self.append(frame, premasked);
+        self.append(frame, wire);
         Ok(None)
     }
 
@@ -122,13 +127,21 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         frame
     }
 
-    fn append(&mut self, frame: Frame<'_>, premasked: bool) {
-        let mut frame = self.prepare(frame, premasked);
+    fn append(&mut self, frame: Frame<'_>, wire: Wire) {
+        let mut frame = self.prepare(frame, wire.premasked);
+        self.buf.reserve(MAX_HEAD_BYTES + frame.payload.len());
+        self.append_head(&mut frame, wire.compressed);
+        self.buf.extend_from_slice(&frame.payload);
+    }
+
+    /// Queue the header of a prepared frame, with RSV1 if it opens a compressed message.
+    fn append_head(&mut self, frame: &mut Frame<'_>, compressed: bool) {
         let mut head = [0u8; MAX_HEAD_BYTES];
         let head_len = frame.fmt_head(&mut head);
-        self.buf.reserve(head_len + frame.payload.len());
+        if compressed {
+            head[0] |= 0x40;
+        }
         self.buf.extend_from_slice(&head[..head_len]);
-        self.buf.extend_from_slice(&frame.payload);
     }
 
     /// Queue a streamed frame's header: its payload follows through
@@ -296,19 +309,19 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let mut w = FrameWriter::new(a, Role::Server);
         assert!(w
-            .try_queue(Frame::text(Payload::Borrowed(b"small")), false)
+            .try_queue(Frame::text(Payload::Borrowed(b"small")), Wire::default())
             .unwrap()
             .is_none());
         let big = vec![b'x'; DIRECT_WRITE_BYTES];
         let back = w
-            .try_queue(Frame::binary(Payload::Borrowed(&big)), false)
+            .try_queue(Frame::binary(Payload::Borrowed(&big)), Wire::default())
             .unwrap();
         let back = back.expect("a large frame is not queued");
         assert_eq!(back.payload.len(), big.len());
         w.write_frame(back).await.unwrap();
         w.write_frame(Frame::close(1000, b"")).await.unwrap();
         assert!(matches!(
-            w.try_queue(Frame::text(Payload::Borrowed(b"late")), false),
+            w.try_queue(Frame::text(Payload::Borrowed(b"late")), Wire::default()),
             Err(WebSocketError::ConnectionClosed)
         ));
         w.shutdown().await.unwrap();

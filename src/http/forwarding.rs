@@ -2,8 +2,9 @@
 //!
 //! Kept: the path and query, and end-to-end headers (Origin, Authorization, cookies,
 //! subprotocols, ...). Dropped: hop-by-hop headers, headers the client's `Connection` names,
-//! `Sec-WebSocket-Extensions` (no extension is negotiated through the router), `Expect`, and
-//! every claim about where the request came from. Those are rewritten by the router:
+//! `Expect`, every extension offer but permessage-deflate's (its frames pass through
+//! unchanged; any other extension could change framing the router checks), and every claim
+//! about where the request came from. Those are rewritten by the router:
 //! `X-Forwarded-For` / `-Proto` / `-Host` are kept (and extended) only from a trusted front
 //! proxy and overwritten otherwise; `Forwarded` is dropped; `X-Real-IP` and `X-Request-Id`
 //! are the router's own.
@@ -16,7 +17,7 @@ use hyper::http::request::Parts;
 use crate::client::is_trusted;
 use crate::close::RequestId;
 use crate::config::Cidr;
-use crate::upstream::UpstreamRequest;
+use crate::upstream::{is_permessage_deflate, UpstreamRequest};
 
 /// Headers never passed on as they came.
 fn is_dropped(name: &HeaderName) -> bool {
@@ -36,7 +37,7 @@ fn is_dropped(name: &HeaderName) -> bool {
             | "sec-websocket-key"
             | "sec-websocket-version"
             | "sec-websocket-accept"
-            // permessage-deflate cannot pass through a frame-level pump: never offer it upstream.
+            // Filtered: see `deflate_offers`.
             | "sec-websocket-extensions"
             | "forwarded"
             | "x-real-ip"
@@ -56,6 +57,23 @@ fn named_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect()
+}
+
+/// The client's permessage-deflate offers, the one extension offered on: compressed messages
+/// are forwarded as they are (RSV1 on their first frame), nothing to inflate on the way.
+fn deflate_offers(headers: &HeaderMap) -> Option<HeaderValue> {
+    let offers: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|offer| is_permessage_deflate(offer))
+        .collect();
+    if offers.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&offers.join(", ")).ok()
 }
 
 /// The upstream request for a client's upgrade: `peer` is the TCP peer, `client` the client
@@ -81,6 +99,9 @@ pub fn upstream_request(
         if !is_dropped(name) && !named.contains(name) {
             request.push(name, value);
         }
+    }
+    if let Some(offers) = deflate_offers(&parts.headers) {
+        request.push(&header::SEC_WEBSOCKET_EXTENSIONS, &offers);
     }
     let from_trusted_proxy = is_trusted(peer, trusted);
     let kept = |name: &str| -> Option<&HeaderValue> {
@@ -182,5 +203,32 @@ mod tests {
         assert_eq!(sent(&request, "x-forwarded-proto"), ["https"]);
         assert_eq!(sent(&request, "x-forwarded-host"), ["app.example"]);
         assert_eq!(sent(&request, "x-real-ip"), ["198.51.100.7"]);
+    }
+
+    #[test]
+    fn only_permessage_deflate_offers_go_on() {
+        let p = parts(&[
+            (
+                "sec-websocket-extensions",
+                "x-webkit-deflate-frame, permessage-deflate; client_max_window_bits",
+            ),
+            (
+                "sec-websocket-extensions",
+                "Permessage-Deflate ;server_no_context_takeover",
+            ),
+            ("sec-websocket-extensions", "foo; permessage-deflate"),
+        ]);
+        let peer: IpAddr = "203.0.113.5".parse().unwrap();
+        let request = upstream_request(&p, peer, peer, RequestId(1), &[]);
+        assert_eq!(
+            sent(&request, "sec-websocket-extensions"),
+            ["permessage-deflate; client_max_window_bits, Permessage-Deflate ;server_no_context_takeover"]
+        );
+        assert!(request.offers_compression());
+
+        let other = parts(&[("sec-websocket-extensions", "x-webkit-deflate-frame")]);
+        let request = upstream_request(&other, peer, peer, RequestId(1), &[]);
+        assert!(sent(&request, "sec-websocket-extensions").is_empty());
+        assert!(!request.offers_compression());
     }
 }

@@ -89,6 +89,8 @@ fn session_settings(config: &Config) -> SessionSettings {
         limits: SessionLimits {
             close_timeout: config.limits.close_timeout,
             max_frame_bytes: config.limits.max_frame_bytes,
+            // Negotiated per session: see `session::run`.
+            compression: false,
         },
         keepalive: Keepalive {
             ping_interval: config.sessions.ping_interval,

@@ -249,13 +249,23 @@ fn open<C: Transport + AsyncRead + AsyncWrite + Unpin>(
         connection: client.connection,
     };
     let context = proxy.session_context.clone();
-    let leftover = upstream.leftover;
+    let (leftover, compression) = (upstream.leftover, upstream.compression);
     match upstream.stream {
         UpstreamStream::Tcp(stream) => spawn(session::run::<C, TcpStream>(
-            context, session, upgrade, stream, leftover,
+            context,
+            session,
+            upgrade,
+            stream,
+            leftover,
+            compression,
         )),
         UpstreamStream::Tls(stream) => spawn(session::run::<C, ClientTls>(
-            context, session, upgrade, *stream, leftover,
+            context,
+            session,
+            upgrade,
+            *stream,
+            leftover,
+            compression,
         )),
     }
     response

@@ -31,6 +31,8 @@ pub struct SessionLimits {
     /// How long to wait for a peer's Close reply.
     pub close_timeout: Duration,
     pub max_frame_bytes: usize,
+    /// permessage-deflate was negotiated end to end: compressed messages pass as they are.
+    pub compression: bool,
 }
 
 /// How a whole session ended.

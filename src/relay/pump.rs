@@ -268,7 +268,8 @@ where
         Direction::ToUpstream => Role::Server,
         Direction::ToClient => Role::Client,
     };
-    let mut frames = FrameReader::new(role, state.limits.max_frame_bytes);
+    let mut frames =
+        FrameReader::new(role, state.limits.max_frame_bytes).compressed(state.limits.compression);
     let mut next = None;
     loop {
         // Boxed: a waiting pump then holds only its reader and the wait.
@@ -387,9 +388,8 @@ where
         state.count(frame.payload.len());
         // Most frames are queued without waiting; the rest wait in a box of their own (see
         // above).
-        let written = match sink.try_queue(frame, taken.premasked) {
-            Ok(Some(frame)) if taken.premasked => Box::pin(sink.write_premasked(frame)).await,
-            Ok(Some(frame)) => Box::pin(sink.write_frame(frame)).await,
+        let written = match sink.try_queue(frame, taken.wire) {
+            Ok(Some(frame)) => Box::pin(sink.write_forwarded(frame, taken.wire)).await,
             other => other.map(drop),
         };
         if let Err(e) = written {
@@ -597,6 +597,7 @@ mod tests {
         let limits = SessionLimits {
             close_timeout: Duration::from_millis(50),
             max_frame_bytes: 1024,
+            compression: false,
         };
         let state = PumpState::new(Direction::ToClient, link, &limits);
         let outcome = pump(&mut source, &mut sink, state).await;

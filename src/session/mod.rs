@@ -71,7 +71,8 @@ pub struct Session {
     pub connection: Arc<ConnectionGuard>,
 }
 
-/// Bridge an upgraded client and a connected replica until the session ends.
+/// Bridge an upgraded client and a connected replica until the session ends; `compression`:
+/// both agreed on permessage-deflate, so compressed messages pass through as they are.
 ///
 /// An async block rather than an async fn: an async fn moves its arguments into locals and
 /// keeps both copies, and every open session holds this future.
@@ -82,6 +83,7 @@ pub(crate) fn run<C, U>(
     upgrade: hyper::upgrade::OnUpgrade,
     upstream: U,
     leftover: bytes::Bytes,
+    compression: bool,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     C: Transport + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -96,7 +98,11 @@ where
         let (mut client_read, mut client_write) = client.into_halves();
         let (limits, keepalive) = {
             let settings = context.settings.load();
-            (settings.limits, settings.keepalive)
+            let limits = SessionLimits {
+                compression,
+                ..settings.limits
+            };
+            (limits, settings.keepalive)
         };
         let end = relay::bridge(
             &mut client_read,
@@ -277,8 +283,12 @@ pub(crate) async fn refuse<C>(
 /// then a bounded wait for the reply.
 pub async fn close_unused(context: Arc<SessionContext>, upstream: Upstream) {
     match upstream.stream {
-        UpstreamStream::Tcp(stream) => close_unused_on(context, stream, upstream.leftover).await,
-        UpstreamStream::Tls(stream) => close_unused_on(context, *stream, upstream.leftover).await,
+        UpstreamStream::Tcp(stream) => {
+            close_unused_on(context, stream, upstream.leftover, upstream.compression).await
+        }
+        UpstreamStream::Tls(stream) => {
+            close_unused_on(context, *stream, upstream.leftover, upstream.compression).await
+        }
     }
 }
 
@@ -286,6 +296,7 @@ async fn close_unused_on<U: Transport>(
     context: Arc<SessionContext>,
     stream: U,
     leftover: bytes::Bytes,
+    compression: bool,
 ) {
     let (close_timeout, max_frame_bytes) = {
         let settings = context.settings.load();
@@ -300,7 +311,7 @@ async fn close_unused_on<U: Transport>(
         close: Some((1001, "lost the race to another replica")),
     };
     relay::write_order(&mut write, order).await;
-    let mut frames = FrameReader::new(Role::Client, max_frame_bytes);
+    let mut frames = FrameReader::new(Role::Client, max_frame_bytes).compressed(compression);
     relay::drain_until_close(&mut frames, &mut read, Instant::now() + close_timeout).await;
     let _ = write.shutdown().await;
 }
@@ -334,6 +345,7 @@ mod budget {
                 limits: SessionLimits {
                     close_timeout: Duration::from_secs(1),
                     max_frame_bytes: 1 << 20,
+                    compression: false,
                 },
                 keepalive: Keepalive::default(),
                 close_on_unhealthy: false,
@@ -367,6 +379,7 @@ mod budget {
             upgrade,
             stream,
             bytes::Bytes::new(),
+            false,
         );
         let sizes = [
             (

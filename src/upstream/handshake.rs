@@ -36,6 +36,14 @@ pub fn has_token<'a>(
         .any(|t| matches(t.trim()))
 }
 
+/// Whether an extension offer or answer (`name; params`) is permessage-deflate's (RFC 7692).
+pub fn is_permessage_deflate(extension: &str) -> bool {
+    extension
+        .split(';')
+        .next()
+        .is_some_and(|name| name.trim().eq_ignore_ascii_case("permessage-deflate"))
+}
+
 /// The upgrade request a session sends to whichever replica it joins, prepared once: the
 /// client's path and query and the headers chosen to go on (see the http side's forwarding
 /// rules), already rendered as request-head lines. Host and the handshake's own headers are
@@ -47,6 +55,8 @@ pub struct UpstreamRequest {
     lines: Vec<u8>,
     /// The subprotocols the client offered (its Sec-WebSocket-Protocol values).
     offered_protocols: Vec<HeaderValue>,
+    /// permessage-deflate is offered (the only extension passed on).
+    offers_compression: bool,
 }
 
 impl UpstreamRequest {
@@ -55,6 +65,7 @@ impl UpstreamRequest {
             path_and_query,
             lines: Vec::with_capacity(512),
             offered_protocols: Vec::new(),
+            offers_compression: false,
         }
     }
 
@@ -63,6 +74,9 @@ impl UpstreamRequest {
     pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
         if name == header::SEC_WEBSOCKET_PROTOCOL {
             self.offered_protocols.push(value.clone());
+        }
+        if name == header::SEC_WEBSOCKET_EXTENSIONS {
+            self.offers_compression = true;
         }
         self.push_line(name.as_str(), value.as_bytes());
     }
@@ -106,6 +120,11 @@ impl UpstreamRequest {
         head.extend_from_slice(&self.lines);
         head.extend_from_slice(b"\r\n");
         head
+    }
+
+    /// Whether permessage-deflate is offered to the replica.
+    pub fn offers_compression(&self) -> bool {
+        self.offers_compression
     }
 
     /// Whether the client offered the subprotocol `chosen`.
@@ -186,12 +205,13 @@ async fn handshake(
                 let code = response.code.unwrap_or_default();
                 let status = StatusCode::from_u16(code)
                     .map_err(|_| ConnectError::BadAnswer(format!("invalid status {code}")))?;
-                let kept = check_response(status, response.headers, &key, request)?;
+                let (kept, compression) = check_response(status, response.headers, &key, request)?;
                 let leftover = buf.split_off(head_len).freeze();
                 return Ok(Upstream {
                     stream,
                     leftover,
                     response_headers: kept,
+                    compression,
                 });
             }
             Ok(httparse::Status::Partial) if read == 0 => {
@@ -227,13 +247,14 @@ fn complete_interim(buf: &[u8]) -> Result<Option<(usize, u16)>, ConnectError> {
     }
 }
 
-/// Check a replica's answer to the upgrade; keep the headers the client's 101 carries over.
+/// Check a replica's answer to the upgrade; keep the headers the client's 101 carries over,
+/// and say whether permessage-deflate was accepted.
 fn check_response(
     status: StatusCode,
     headers: &[httparse::Header<'_>],
     key: &str,
     request: &UpstreamRequest,
-) -> Result<HeaderMap, ConnectError> {
+) -> Result<(HeaderMap, bool), ConnectError> {
     let bad = |message: String| ConnectError::BadAnswer(message);
     if status != StatusCode::SWITCHING_PROTOCOLS {
         return Err(if status.is_client_error() {
@@ -258,12 +279,25 @@ fn check_response(
     if named("sec-websocket-accept").ne(std::iter::once(expected.as_bytes())) {
         return Err(bad("wrong or missing Sec-WebSocket-Accept".into()));
     }
-    if named("sec-websocket-extensions").next().is_some() {
-        return Err(bad(
-            "the replica enabled an extension that was not offered".into()
-        ));
-    }
     let mut kept = HeaderMap::new();
+    // One permessage-deflate answer to an offer, its parameters for the endpoints to agree on;
+    // nothing else (RFC 6455 9.1: a server may only accept what was offered).
+    let mut accepted = named("sec-websocket-extensions");
+    let compression = if let Some(answer) = accepted.next() {
+        let text = std::str::from_utf8(answer).unwrap_or("");
+        let single_deflate = !text.contains(',') && is_permessage_deflate(text);
+        if !request.offers_compression() || !single_deflate || accepted.next().is_some() {
+            return Err(bad(
+                "the replica enabled an extension that was not offered".into()
+            ));
+        }
+        let value = HeaderValue::from_bytes(answer)
+            .map_err(|_| bad("invalid Sec-WebSocket-Extensions value".into()))?;
+        kept.insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
+        true
+    } else {
+        false
+    };
     if let Some(chosen) = named("sec-websocket-protocol").next() {
         let chosen_str = std::str::from_utf8(chosen).unwrap_or("").trim();
         if !request.offers_protocol(chosen_str) {
@@ -280,7 +314,7 @@ fn check_response(
             HeaderValue::from_bytes(cookie).map_err(|_| bad("invalid Set-Cookie value".into()))?;
         kept.append(header::SET_COOKIE, value);
     }
-    Ok(kept)
+    Ok((kept, compression))
 }
 
 #[cfg(test)]

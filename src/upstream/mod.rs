@@ -6,7 +6,7 @@
 
 mod handshake;
 
-pub use handshake::{accept_key, has_token, Handshake, UpstreamRequest};
+pub use handshake::{accept_key, has_token, is_permessage_deflate, Handshake, UpstreamRequest};
 
 use std::future::Future;
 use std::io;
@@ -75,8 +75,11 @@ pub struct Upstream {
     pub stream: UpstreamStream,
     /// Bytes the replica sent right after its 101, read with the response head.
     pub leftover: Bytes,
-    /// Headers to copy into the client's 101: the chosen subprotocol and any cookies set.
+    /// Headers to copy into the client's 101: the chosen subprotocol, the accepted
+    /// permessage-deflate parameters and any cookies set.
     pub response_headers: HeaderMap,
+    /// The replica accepted the client's permessage-deflate offer.
+    pub compression: bool,
 }
 
 /// How reaching a replica failed. `Display` names the kind in words, which is all a client is
