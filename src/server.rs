@@ -31,8 +31,9 @@ pub enum StartError {
 }
 
 pub struct Router {
-    /// Non-blocking; every worker registers its own handle to it with its event loop.
-    listener: std::net::TcpListener,
+    /// One per worker, all on the same address (SO_REUSEPORT): the kernel hands each new
+    /// connection to one worker's listener, so one accept wakes one worker. Non-blocking.
+    listeners: Vec<std::net::TcpListener>,
     admin_listener: Option<std::net::TcpListener>,
     workers: usize,
     registry: Arc<Registry>,
@@ -89,7 +90,14 @@ impl Router {
             tracing::warn!("{why}");
         }
         let addr = config.listen_addr();
-        let listener = listen(addr).map_err(|source| StartError::Listen { addr, source })?;
+        let listen_error = |source| StartError::Listen { addr, source };
+        let first = listen(addr).map_err(listen_error)?;
+        // The others join the first's port (its own when `port = 0`).
+        let bound = first.local_addr().map_err(listen_error)?;
+        let mut listeners = vec![first];
+        for _ in 1..workers {
+            listeners.push(listen(bound).map_err(listen_error)?);
+        }
         let admin_listener = match &config.admin {
             Some(admin) => Some(listen(admin.addr).map_err(|source| StartError::Admin {
                 addr: admin.addr,
@@ -117,7 +125,7 @@ impl Router {
             close_all_rx,
         ));
         Ok(Router {
-            listener,
+            listeners,
             admin_listener,
             workers,
             registry,
@@ -133,7 +141,7 @@ impl Router {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener")
+        self.listeners[0].local_addr().expect("bound listener")
     }
 
     /// Where /status and /metrics are served when `[admin] listen` is set.
@@ -175,9 +183,10 @@ impl Router {
     ///
     /// The calling runtime is worker 0: it accepts, serves sessions, runs the health loop and
     /// the admin listener. Each further worker is a thread with its own single-threaded
-    /// runtime accepting from the same listener, so a session lives on one thread from accept
-    /// to close. Dropping this future stops every worker and drops its sessions.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Drain {
+    /// runtime accepting from its own listener on the same address, so a session lives on one
+    /// thread from accept to close. Dropping this future stops every worker and drops its
+    /// sessions.
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> Drain {
         let (first_lookups, looked_up) = tokio::sync::oneshot::channel();
         let discovery = tokio::spawn(crate::discovery::run(self.registry.clone(), first_lookups));
         let health = tokio::spawn({
@@ -191,12 +200,16 @@ impl Router {
         });
         // Workers run until this is dropped: when serve returns or its future is dropped.
         let (_workers_alive, workers_stop) = watch::channel(());
-        for index in 1..self.workers {
-            if let Err(error) = self.spawn_worker(index, workers_stop.clone()) {
+        let mut listeners = std::mem::take(&mut self.listeners).into_iter();
+        let own_listener = listeners.next().expect("one listener per worker");
+        for (index, listener) in (1..).zip(listeners.by_ref()) {
+            if let Err(error) = self.spawn_worker(index, listener, workers_stop.clone()) {
                 tracing::error!(%error, index, "cannot start a worker thread; serving with fewer");
                 break;
             }
         }
+        // Listeners of workers that did not start: closed, so the kernel sends them nothing.
+        drop(listeners);
         let admin = self.admin_listener.and_then(|listener| {
             let proxy = self.proxy.clone();
             let gate = ConnectionGate::new(ADMIN_CONNECTIONS, &self.config.limits, &[]);
@@ -218,7 +231,7 @@ impl Router {
         let endpoints = Endpoints::Public {
             admin: self.proxy.public_admin,
         };
-        match TcpListener::from_std(self.listener) {
+        match TcpListener::from_std(own_listener) {
             Ok(listener) => {
                 accept_until(
                     listener,
@@ -248,8 +261,12 @@ impl Router {
     }
     /// Start worker thread `index`: it accepts until shutdown is signalled, keeps serving its
     /// sessions while they drain, and drops them when `alive` closes.
-    fn spawn_worker(&self, index: usize, mut alive: watch::Receiver<()>) -> io::Result<()> {
-        let listener = self.listener.try_clone()?;
+    fn spawn_worker(
+        &self,
+        index: usize,
+        listener: std::net::TcpListener,
+        mut alive: watch::Receiver<()>,
+    ) -> io::Result<()> {
         let proxy = self.proxy.clone();
         let gate = self.connections.clone();
         let mut shutdown = self.shutdown.subscribe();
@@ -337,12 +354,11 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    // A new instance can bind the same address while this one drains: a restart drops nothing.
-    // Not for port 0: the kernel may then hand out a port another such socket of this user
-    // already listens on, and the two would share its connections.
-    if addr.port() != 0 {
-        socket.set_reuseport(true)?;
-    }
+    // Every worker listens on the address, and a new instance can bind it while this one
+    // drains: a restart drops nothing. Safe for port 0 too: the kernel never picks a port for
+    // it that another SO_REUSEPORT socket already holds (19,000 such binds here, no port
+    // shared).
+    socket.set_reuseport(true)?;
     // Every accepted connection inherits these: no system calls for them per connection.
     crate::net::prepare_socket(&socket)?;
     socket.bind(addr)?;

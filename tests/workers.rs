@@ -1,9 +1,10 @@
-//! Worker threads: every worker accepts from the one listener and serves its own sessions;
-//! shutdown drains all of them, and dropping the router stops them all.
+//! Worker threads: every worker accepts from a listener of its own on the router's address
+//! and serves its own sessions; shutdown drains all of them, and dropping the router stops
+//! them all.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use common::*;
@@ -36,8 +37,13 @@ fn with_workers(replica: &EchoReplica, workers: usize) -> wsrouter::Config {
     config
 }
 
+/// Every worker accepts from a listener of its own on the router's address (the kernel
+/// hands each connection to one of them): while worker 0 (this test's thread) is blocked,
+/// worker 1 answers the connections given to it, and those given to worker 0 wait in its
+/// queue, none lost, until it runs again.
 #[tokio::test]
-async fn a_blocked_worker_does_not_stop_the_others_from_serving() {
+async fn each_worker_accepts_from_its_own_listener() {
+    const CONNECTIONS: usize = 24;
     let (url, _replica) = echo_replica_on_own_thread();
     let mut config = config(&[url], "");
     config.listen.workers = Some(2);
@@ -46,24 +52,47 @@ async fn a_blocked_worker_does_not_stop_the_others_from_serving() {
         .unwrap();
     let router = TestRouter::run(router);
     router.wait_status(0, Status::Healthy).await;
-    // From here the test blocks its own thread, which is worker 0: only worker 1 can accept
-    // and serve this session.
-    let mut stream = std::net::TcpStream::connect(router.addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.write_all(UPGRADE_REQUEST).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream
-            .read_exact(&mut byte)
-            .expect("a worker other than the blocked one answers");
-        head.push(byte[0]);
+    let mut streams: Vec<std::net::TcpStream> = (0..CONNECTIONS)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(router.addr).unwrap();
+            stream.write_all(UPGRADE_REQUEST).unwrap();
+            stream.set_nonblocking(true).unwrap();
+            stream
+        })
+        .collect();
+    // Blocking this thread (worker 0) on purpose: only worker 1 can answer meanwhile.
+    let answered = |stream: &std::net::TcpStream| {
+        let mut start = [0u8; 12];
+        matches!(stream.peek(&mut start), Ok(12)) && &start == b"HTTP/1.1 101"
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while !streams.iter().any(answered) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker 1 answers while worker 0 is blocked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    stream.write_all(&raw_frame(0x81, b"hi", true)).unwrap();
-    let mut echoed = [0u8; 4];
-    stream.read_exact(&mut echoed).expect("the echo");
-    assert_eq!(&echoed, b"\x81\x02hi");
+    // Worker 0 runs again: every connection is answered and echoes.
+    for stream in streams.drain(..) {
+        let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        bounded("every connection answered", async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(stream.read_u8().await.unwrap());
+            }
+            assert!(head.starts_with(b"HTTP/1.1 101"));
+            stream
+                .write_all(&raw_frame(0x81, b"hi", true))
+                .await
+                .unwrap();
+            let mut echoed = [0u8; 4];
+            stream.read_exact(&mut echoed).await.unwrap();
+            assert_eq!(&echoed, b"\x81\x02hi");
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -93,7 +122,7 @@ async fn dropping_the_router_stops_every_worker_listening() {
     let mut ws = connect(addr).await;
     echo_once(&mut ws, b"up").await;
     drop(router);
-    // Each worker holds a handle to the listening socket; it is closed once all let go.
+    // Each worker holds a listening socket on the address; the port closes once all let go.
     bounded("the port to close", async {
         while tokio::net::TcpStream::connect(addr).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(5)).await;
