@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Side-by-side load comparison: direct connection, nginx, HAProxy and wsrouter, each in front
-# of the same two echo replicas (primary + backup), interleaved round by round.
+# Side-by-side load comparison: direct connection, nginx, HAProxy and wsrouter (on epoll, and
+# as wsrouter-uring on its io_uring data plane), each in front of the same two echo replicas
+# (primary + backup), interleaved round by round.
 #
 #   load-tests/compare.sh              # full run (about 15 minutes on 2 cores)
 #   ROUNDS=1 DURATION=2 load-tests/compare.sh   # quick look
 #   BASELINE=/path/to/old/wsrouter TARGETS="baseline wsrouter" load-tests/compare.sh
 #                                      # this build against an earlier one, alternating
+#   SYSCALLS=1 load-tests/compare.sh   # also system calls per message (strace -c -f)
 #   TLS=1 load-tests/compare.sh        # each proxy terminates TLS (wss://) with the same
 #                                      # ECDSA P-256 certificate; adds full and resumed
 #                                      # handshake rows (no direct or baseline rows)
@@ -31,10 +33,10 @@ if [ -n "$TLS" ]; then
   # The replicas speak plain WebSocket and the baseline build has no TLS: proxies only.
   TARGETS=${TARGETS:-"nginx haproxy wsrouter"}
 else
-  TARGETS=${TARGETS:-"direct nginx haproxy ${BASELINE:+baseline }wsrouter"}
+  TARGETS=${TARGETS:-"direct nginx haproxy ${BASELINE:+baseline }wsrouter wsrouter-uring"}
 fi
 REPLICA_PORTS=(18001 18002)
-declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002 [baseline]=19003)
+declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002 [baseline]=19003 [wsrouter-uring]=19004)
 wants() { [[ " $TARGETS " == *" $1 "* ]]; }
 if wants baseline && [ ! -x "$BASELINE" ]; then echo "compare.sh: BASELINE=$BASELINE is not an executable wsrouter" >&2; exit 2; fi
 
@@ -84,14 +86,16 @@ for port in "${REPLICA_PORTS[@]}"; do
   PIDS+=($!)
 done
 
-# Both wsrouter builds get the same settings; per-client limits are off because all the load
+# Every wsrouter gets the same settings; per-client limits are off because all the load
 # comes from one address (an earlier build may not know those keys: they go in this one only).
+# wsrouter-uring is the same build with the io_uring data plane ($3: more [listen] lines).
 router_config() {
   cat <<CONF
 [listen]
 host = "127.0.0.1"
 port = $1
 workers = 1
+${3:-}
 $([ -n "$TLS" ] && printf '[listen.tls]\ncert_file = "%s"\nkey_file = "%s"\n' "$WORK/tls/cert.pem" "$WORK/tls/key.pem")
 [limits]
 max_sessions = 9000
@@ -103,12 +107,19 @@ primary = true
 url = "http://127.0.0.1:${REPLICA_PORTS[1]}"
 CONF
 }
-WSROUTER_PID="" BASELINE_PID=""
+WSROUTER_PID="" BASELINE_PID="" URING_PID=""
 if wants wsrouter; then
   router_config "${PORT[wsrouter]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' > "$WORK/wsrouter.toml"
   RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
   WSROUTER_PID=$!
   PIDS+=($WSROUTER_PID)
+fi
+if wants wsrouter-uring; then
+  router_config "${PORT[wsrouter-uring]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' \
+    'io = "io_uring"' > "$WORK/wsrouter-uring.toml"
+  RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter-uring.toml" 2>"$WORK/wsrouter-uring.log" &
+  URING_PID=$!
+  PIDS+=($URING_PID)
 fi
 if wants baseline; then
   router_config "${PORT[baseline]}" "" > "$WORK/baseline.toml"
@@ -179,6 +190,7 @@ fi
 target_pids() {
   case "$1" in
     wsrouter) echo "$WSROUTER_PID" ;;
+    wsrouter-uring) echo "$URING_PID" ;;
     baseline) echo "$BASELINE_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     nginx) local master; master=$(cat "$WORK/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
@@ -259,6 +271,29 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 measure_idle after_load
+
+# With SYSCALLS=1: system calls per echoed message of each proxy, counted by `strace -c -f`
+# attached for one echo run of 64-byte messages per connection count (strace slows the proxy,
+# so only the ratio means anything; io_uring's work inside io_uring_enter counts as one call).
+if [ -n "${SYSCALLS:-}" ] && command -v strace >/dev/null; then
+  for conns in $CONNECTIONS; do
+    for t in $TARGETS; do
+      [ "$t" = direct ] && continue
+      strace_args=""
+      for p in $(target_pids "$t"); do strace_args="$strace_args -p $p"; done
+      timeout -s INT $((DURATION + WARMUP + 3)) strace -c -f $strace_args -o "$WORK/strace-$t-$conns.txt" &
+      strace_pid=$!
+      sleep 1
+      line=$($LOAD_CPU $BIN/wsload echo --url $(url_of "$t") --label "$t" \
+             --connections "$conns" --size 64 --duration "$DURATION" --warmup "$WARMUP")
+      kill -INT "$strace_pid" 2>/dev/null || true
+      wait "$strace_pid" 2>/dev/null || true
+      calls=$(awk '$NF == "total" {print $4}' "$WORK/strace-$t-$conns.txt")
+      echo "${line%\}},\"mode\":\"syscalls\",\"syscalls\":${calls:-0}}" >> "$RESULTS"
+      echo "syscalls: $t conns=$conns $calls calls" >&2
+    done
+  done
+fi
 
 echo "raw results: $RESULTS" >&2
 python3 load-tests/report.py "$RESULTS"

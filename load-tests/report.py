@@ -6,7 +6,7 @@ import json
 import statistics
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "haproxy", "baseline", "wsrouter"]
+TARGETS = ["direct", "nginx", "haproxy", "baseline", "wsrouter", "wsrouter-uring"]
 
 
 def median(values):
@@ -60,6 +60,7 @@ def load(path):
     echo = defaultdict(list)
     shakes = defaultdict(list)
     idle = {}
+    syscalls = {}
     problems = []
     for r in rows:
         if r["mode"] == "echo":
@@ -70,24 +71,27 @@ def load(path):
             shakes[(handshake_kind(r), r["target"])].append(r)
         elif r["mode"] == "idle":
             idle[(r.get("phase", "after_load"), r["target"])] = r
-    return rows, echo, shakes, idle, problems
+        elif r["mode"] == "syscalls":
+            syscalls[(r["connections"], r["target"])] = r
+    return rows, echo, shakes, idle, syscalls, problems
 
 
 def main(path):
-    rows, echo, shakes, idle, problems = load(path)
+    rows, echo, shakes, idle, syscalls, problems = load(path)
     rounds = max((r.get("round", 1) for r in rows), default=1)
     over = " over wss:// (TLS terminated by each proxy)" if any(r.get("tls") for r in rows) else ""
     print(f"Echo load{over}, median of {rounds} interleaved round(s); ratios are msgs/s against the peer.\n")
     has_base = any(t == "baseline" for _, _, t in echo)
     base_head = " vs baseline per round |" if has_base else ""
-    print("| size | conns | target | msgs/s | MB/s | p50 ms | p99 ms | proxy CPU us/msg | vs nginx | vs nginx per round | vs direct |" + base_head)
-    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_base else ""))
+    print("| size | conns | target | msgs/s | MB/s | p50 ms | p99 ms | proxy CPU us/msg | CPU vs nginx | vs nginx | vs nginx per round | vs direct |" + base_head)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_base else ""))
     for (size, conns), med in echo_medians(echo).items():
         for t, m in med.items():
             cpu = "-" if m["cpu"] is None else f"{m['cpu']:.2f}"
+            cpu_vs_nginx = "-" if m["cpu"] is None else ratio(m["cpu"], med.get("nginx", {}).get("cpu"))
             label = size_label(size)
             print(f"| {label} | {conns} | {t} | {m['msgs_per_s']:,.0f} | {m['mb_per_s']:,.1f} | {m['p50_us'] / 1000:.2f} | "
-                  f"{m['p99_us'] / 1000:.2f} | {cpu} | {ratio(m['msgs_per_s'], med.get('nginx', {}).get('msgs_per_s'))} | "
+                  f"{m['p99_us'] / 1000:.2f} | {cpu} | {cpu_vs_nginx} | {ratio(m['msgs_per_s'], med.get('nginx', {}).get('msgs_per_s'))} | "
                   f"{paired(echo[(size, conns, t)], echo.get((size, conns, 'nginx'), []), 'msgs_per_s')} | "
                   f"{ratio(m['msgs_per_s'], med.get('direct', {}).get('msgs_per_s'))} |"
                   + (f" {paired(echo[(size, conns, t)], echo.get((size, conns, 'baseline'), []), 'msgs_per_s')} |" if has_base else ""))
@@ -120,11 +124,19 @@ def main(path):
                    for phase in ("fresh", "after_load")}
             print(f"| {t} | {min(r['held'] for r in runs)} | {per['fresh']} | {per['after_load']} | "
                   f"{sum(r['dead_after_hold'] for r in runs)} |")
+    if syscalls:
+        print("\n| conns | target | system calls per echoed 64 B message (strace -c -f) | vs nginx |")
+        print("|---|---|---|---|")
+        for conns in sorted({c for c, _ in syscalls}):
+            per = {t: syscalls[(conns, t)]["syscalls"] / syscalls[(conns, t)]["messages_total"]
+                   for t in TARGETS if (conns, t) in syscalls and syscalls[(conns, t)].get("messages_total")}
+            for t, value in per.items():
+                print(f"| {conns} | {t} | {value:.2f} | {ratio(value, per.get('nginx'))} |")
     if problems:
         print("\nErrors or mismatched echoes:\n" + "\n".join(f"- {p}" for p in problems))
 
 
-COLOURS = {"direct": "#8c8c8c", "nginx": "#2a9d3f", "haproxy": "#1f6fb4", "baseline": "#c9a227", "wsrouter": "#d1495b"}
+COLOURS = {"direct": "#8c8c8c", "nginx": "#2a9d3f", "haproxy": "#1f6fb4", "baseline": "#c9a227", "wsrouter": "#d1495b", "wsrouter-uring": "#7b2d8e"}
 
 
 def bars(ax, groups, title, fmt, log=False):
@@ -159,7 +171,7 @@ def chart(path, svg):
 
     plt.rcParams["svg.fonttype"] = "none"  # text stays text: a smaller file that reads in a diff
     plt.rcParams["svg.hashsalt"] = "wsrouter"  # stable ids from one run to the next
-    rows, echo, shakes, idle, _ = load(path)
+    rows, echo, shakes, idle, _, _ = load(path)
     tls = " over TLS" if any(r.get("tls") for r in rows) else ""
     medians = echo_medians(echo)
     groups = [(f"{size_label(size)} x{conns}", med) for (size, conns), med in medians.items()]

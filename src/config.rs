@@ -144,6 +144,33 @@ pub struct Listen {
     pub trusted_proxies: Vec<Cidr>,
     /// TLS for clients (`wss://`), when set.
     pub tls: Option<ListenTls>,
+    /// What moves a session's frames once it is open.
+    pub io: Io,
+}
+
+/// The data plane: how a session's sockets are read and written after the 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum Io {
+    /// tokio's event loop: one system call per read and per write.
+    #[default]
+    #[serde(rename = "epoll")]
+    Epoll,
+    /// A ring per worker: a loop turn's reads and writes of every session in one system call
+    /// (plain TCP on both sides; TLS sessions stay on epoll).
+    #[serde(rename = "io_uring")]
+    IoUring,
+}
+
+impl Io {
+    /// The environment variable that overrides `[listen] io`.
+    pub const ENV: &'static str = "WSROUTER_IO";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Io::Epoll => "epoll",
+            Io::IoUring => "io_uring",
+        }
+    }
 }
 
 /// The listener's certificate: the files, and the TLS settings built from them at load.
@@ -406,7 +433,7 @@ pub mod file {
 
     use serde::Deserialize;
 
-    use super::{defaults, DrainMode, LogFormat, Policy, StickyKey};
+    use super::{defaults, DrainMode, Io, LogFormat, Policy, StickyKey};
 
     #[derive(Debug, Clone, Default, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -478,6 +505,7 @@ pub mod file {
         pub stream_path: String,
         pub trusted_proxies: Vec<String>,
         pub tls: Option<ListenTls>,
+        pub io: Io,
     }
 
     impl File {
@@ -521,6 +549,7 @@ pub mod file {
                 stream_path: defaults::STREAM_PATH.into(),
                 trusted_proxies: Vec::new(),
                 tls: None,
+                io: Io::default(),
             }
         }
     }
@@ -820,12 +849,26 @@ fn listen(file: &file::Listen) -> Result<Listen, ConfigError> {
         })
         .collect::<Result<_, _>>()?;
     let tls = file.tls.as_ref().map(listen_tls).transpose()?;
+    let io = match std::env::var(Io::ENV) {
+        Ok(name) => match name.as_str() {
+            "epoll" => Io::Epoll,
+            "io_uring" => Io::IoUring,
+            _ => {
+                return Err(invalid(
+                    Io::ENV.to_string(),
+                    format!("{name:?} is neither \"epoll\" nor \"io_uring\""),
+                ))
+            }
+        },
+        Err(_) => file.io,
+    };
     Ok(Listen {
         addr: SocketAddr::new(ip, file.port),
         workers: file.workers,
         stream_path: path.clone(),
         trusted_proxies,
         tls,
+        io,
     })
 }
 

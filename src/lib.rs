@@ -41,6 +41,7 @@ pub(crate) mod server;
 pub(crate) mod session;
 pub mod tls;
 pub mod upstream;
+pub(crate) mod uring;
 
 pub mod echo;
 

@@ -421,6 +421,8 @@ pub struct Metrics {
     pub reloads: Reloads,
     /// Connections accepted and still open (sessions included).
     pub open_connections: AtomicU64,
+    /// Sessions whose sockets moved onto an io_uring ring (`[listen] io = "io_uring"`).
+    pub ring_sessions: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -437,6 +439,7 @@ impl Default for Metrics {
             session_seconds: Histogram::new(SESSION_BOUNDS),
             reloads: Reloads::default(),
             open_connections: AtomicU64::new(0),
+            ring_sessions: AtomicU64::new(0),
         }
     }
 }

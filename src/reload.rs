@@ -202,6 +202,11 @@ fn fixed_setting_changes(
     // A changed certificate applies now; turning TLS on or off does not.
     compare("listen.tls", tls(running), tls(new));
     compare(
+        "listen.io",
+        running.listen.io.name().to_string(),
+        new.listen.io.name().to_string(),
+    );
+    compare(
         "listen.workers",
         running.workers().to_string(),
         new.workers().to_string(),

@@ -157,8 +157,10 @@ async fn closed_at_once(stream: &mut tokio::net::TcpStream) -> bool {
 
 #[tokio::test]
 async fn connection_and_session_limits_hold_per_client_and_in_all() {
+    // One worker: with one listener per worker, which of two connections made back to back
+    // is accepted first (and takes the last place) is up to the workers' race.
     let (_replica, router) = single_echo(
-        "[limits]\nmax_connections = 5\nmax_sessions = 5\nmax_connections_per_client = 2\nmax_sessions_per_client = 1",
+        "[listen]\nworkers = 1\n[limits]\nmax_connections = 5\nmax_sessions = 5\nmax_connections_per_client = 2\nmax_sessions_per_client = 1",
     )
     .await;
     let addr = router.addr;

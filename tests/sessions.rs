@@ -192,3 +192,35 @@ async fn a_replica_that_stops_answering_pings_fails_the_session_with_1011() {
     assert_eq!(json["code"], "worker_failed");
     assert!(json["message"].as_str().unwrap().contains("ping"), "{json}");
 }
+
+/// `[listen] io = "io_uring"`: a session's sockets move onto the worker's ring after the 101
+/// (counted in /metrics, shown in /status), and frames of every size, pings and the close
+/// pass as on epoll. (CI also runs this whole suite with `WSROUTER_IO=io_uring`.)
+#[tokio::test]
+async fn sessions_on_the_io_uring_data_plane_move_frames_as_on_epoll() {
+    let (_replica, router) = single_echo("[listen]\nio = \"io_uring\"").await;
+    let overridden = std::env::var("WSROUTER_IO").is_ok_and(|io| io != "io_uring");
+    let mut ws = connect(router.addr).await;
+    echo_once(&mut ws, b"on the ring").await;
+    for size in [125, 70_000, 300_000, 2 << 20] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        ws.write_frame(Frame::binary(Payload::Borrowed(&payload)))
+            .await
+            .unwrap();
+        let frame = read(&mut ws).await;
+        assert_eq!(frame.opcode, OpCode::Binary);
+        assert!(frame.payload[..] == payload[..], "{size} bytes echo intact");
+    }
+    let metrics = raw_http(router.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let status = raw_http(router.addr, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    if !overridden {
+        assert!(
+            metrics.contains("wsrouter_io_uring_sessions_total 1\n"),
+            "{metrics}"
+        );
+        assert!(status.contains("\"io\":\"io_uring\""), "{status}");
+    }
+    ws.write_frame(Frame::close(4001, b"done")).await.unwrap();
+    let (_, code, reason) = read_until_close(&mut ws, false).await;
+    assert_eq!((code, reason.as_str()), (4001, "done"));
+}

@@ -6,7 +6,7 @@ mod reader;
 mod utf8;
 mod writer;
 
-pub(crate) use reader::{is_mask_violation, FrameReader, Head, StreamedHead, Wire};
+pub(crate) use reader::{is_mask_violation, FrameReader, Head, StreamedHead, Wire, STREAM_BYTES};
 pub use writer::FrameWriter;
 
 /// A fresh, unpredictable mask key, as RFC 6455 5.3 asks of every client frame.

@@ -98,6 +98,7 @@ pub fn status_json(proxy: &Proxy) -> Value {
         "sessions": {"active": proxy.sessions.active(), "max": proxy.sessions.max()},
         "connections": {"open": proxy.connections.open(), "max": proxy.connections.max()},
         "draining": proxy.shutting_down(),
+        "io": if proxy.io_uring { "io_uring" } else { "epoll" },
     })
 }
 
@@ -413,6 +414,17 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
         "",
         "reason",
         &stats.connections_refused,
+    );
+    family(
+        &mut out,
+        "wsrouter_io_uring_sessions_total",
+        "counter",
+        "Sessions whose sockets moved onto an io_uring ring (listen.io = \"io_uring\").",
+    );
+    let _ = writeln!(
+        out,
+        "wsrouter_io_uring_sessions_total {}",
+        stats.ring_sessions.load(Ordering::Relaxed)
     );
     family(
         &mut out,

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use crate::admission::{ConnectionGuard, SessionGate};
 use crate::balance::Balancer;
-use crate::config::{Cidr, Config};
+use crate::config::{Cidr, Config, Io};
 use crate::metrics::{Label, Metrics, TlsAccept};
 use crate::registry::Registry;
 use crate::relay::{Keepalive, SessionLimits};
@@ -124,6 +124,8 @@ pub(crate) struct Proxy {
     pub public_admin: bool,
     /// Open connections and their limit, for /status and /metrics.
     pub connections: Arc<crate::admission::ConnectionGate>,
+    /// Plain-TCP sessions move to their worker's io_uring ring after the 101.
+    pub io_uring: bool,
 }
 
 impl Proxy {
@@ -149,6 +151,7 @@ impl Proxy {
             shutdown,
             public_admin: config.admin.is_none(),
             connections,
+            io_uring: config.listen.io == Io::IoUring && crate::uring::usable(),
         }
     }
 

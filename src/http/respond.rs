@@ -30,6 +30,7 @@ use crate::metrics::Rejection;
 use crate::registry::{Replica, SessionGuard};
 use crate::session::{self, ClientTls, Peer, Session, Transport};
 use crate::upstream::{accept_key, Upstream, UpstreamStream};
+use crate::uring::Ring;
 
 /// A request that joined a replica: everything its session needs.
 pub struct Admitted {
@@ -250,15 +251,32 @@ fn open<C: Transport + AsyncRead + AsyncWrite + Unpin>(
     };
     let context = proxy.session_context.clone();
     let (leftover, compression) = (upstream.leftover, upstream.compression);
+    // Plain TCP on both sides goes on the worker's ring when the data plane is io_uring.
+    let ring = || {
+        (proxy.io_uring && C::PLAIN_TCP)
+            .then(Ring::current)
+            .flatten()
+    };
     match upstream.stream {
-        UpstreamStream::Tcp(stream) => spawn(session::run::<C, TcpStream>(
-            context,
-            session,
-            upgrade,
-            stream,
-            leftover,
-            compression,
-        )),
+        UpstreamStream::Tcp(stream) => match ring() {
+            Some(ring) => spawn(session::run_on_ring(
+                context,
+                session,
+                upgrade,
+                stream,
+                leftover,
+                compression,
+                ring,
+            )),
+            None => spawn(session::run::<C, TcpStream>(
+                context,
+                session,
+                upgrade,
+                stream,
+                leftover,
+                compression,
+            )),
+        },
         UpstreamStream::Tls(stream) => spawn(session::run::<C, ClientTls>(
             context,
             session,

@@ -7,6 +7,7 @@ mod socket;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,11 @@ use crate::metrics::{CloseCode, Metrics};
 use crate::registry::{Replica, SessionGuard, Status};
 use crate::relay::{self, CloseOrder, Keepalive, SessionEnd, SessionLimits};
 use crate::upstream::{Upstream, UpstreamStream};
-use socket::{finish_socket, upstream_halves, ClientSocket};
+use futures_util::future::{Either, FutureExt};
+use socket::{client_halves, finish_socket, upstream_halves, ClientSocket, ReadSide, WriteSide};
+use tokio::net::TcpStream;
+
+use crate::uring::{Ring, RingSocket};
 pub(crate) use socket::{ClientTls, ServerTls, Transport};
 
 /// What sessions read when they start (swapped whole on reload; live sessions keep theirs).
@@ -74,9 +79,9 @@ pub struct Session {
 /// Bridge an upgraded client and a connected replica until the session ends; `compression`:
 /// both agreed on permessage-deflate, so compressed messages pass through as they are.
 ///
-/// An async block rather than an async fn: an async fn moves its arguments into locals and
-/// keeps both copies, and every open session holds this future.
-#[allow(clippy::manual_async_fn)]
+/// Built from combinators rather than one async block: what the upgrade needs and what the
+/// relay needs then share room (an async block keeps its captures for its whole life), and
+/// every open session holds this future.
 pub(crate) fn run<C, U>(
     context: Arc<SessionContext>,
     session: Session,
@@ -90,12 +95,73 @@ where
     U: Transport,
 {
     // Split out here: the future then holds the halves, not the handshake's leftovers.
-    let (mut upstream_read, mut upstream_write) = upstream_halves(upstream, leftover);
+    let upstream = upstream_halves(upstream, leftover);
+    ClientSocket::<C>::upgrade(upgrade).then(move |client| match client {
+        Some(client) => Either::Left(relay_session::<C, U>(
+            context,
+            session,
+            client.into_halves(),
+            upstream,
+            compression,
+        )),
+        None => Either::Right(std::future::ready(())),
+    })
+}
+
+/// As [`run`] for a plain-TCP client and replica, whose sockets move onto this worker's
+/// io_uring `ring` once the client's upgrade is done.
+pub(crate) fn run_on_ring(
+    context: Arc<SessionContext>,
+    session: Session,
+    upgrade: hyper::upgrade::OnUpgrade,
+    upstream: TcpStream,
+    leftover: bytes::Bytes,
+    compression: bool,
+    ring: Arc<Ring>,
+) -> impl Future<Output = ()> + Send + 'static {
+    ClientSocket::<TcpStream>::upgrade(upgrade).then(move |client| {
+        let adopted = client.map(|client| {
+            let (stream, client_leftover) = client.into_parts();
+            (
+                RingSocket::adopt(stream, ring.clone()),
+                RingSocket::adopt(upstream, ring),
+                client_leftover,
+            )
+        });
+        match adopted {
+            Some((Ok(client), Ok(upstream), client_leftover)) => {
+                context
+                    .metrics
+                    .ring_sessions
+                    .fetch_add(1, Ordering::Relaxed);
+                Either::Left(relay_session::<RingSocket, RingSocket>(
+                    context,
+                    session,
+                    client_halves(client, client_leftover),
+                    upstream_halves(upstream, leftover),
+                    compression,
+                ))
+            }
+            Some((Err(error), _, _) | (_, Err(error), _)) => {
+                tracing::warn!(%error, "cannot move a session's sockets onto the ring");
+                Either::Right(std::future::ready(()))
+            }
+            None => Either::Right(std::future::ready(())),
+        }
+    })
+}
+
+/// The session itself, from the 101 on: the relay, the record of its end, and the sockets'
+/// close.
+#[allow(clippy::manual_async_fn)]
+fn relay_session<C: Transport, U: Transport>(
+    context: Arc<SessionContext>,
+    session: Session,
+    (mut client_read, mut client_write): (ReadSide<C>, WriteSide<C>),
+    (mut upstream_read, mut upstream_write): (ReadSide<U>, WriteSide<U>),
+    compression: bool,
+) -> impl Future<Output = ()> + Send + 'static {
     async move {
-        let Some(client) = ClientSocket::<C>::upgrade(upgrade).await else {
-            return;
-        };
-        let (mut client_read, mut client_write) = client.into_halves();
         let (limits, keepalive) = {
             let settings = context.settings.load();
             let limits = SessionLimits {
@@ -328,6 +394,11 @@ mod budget {
     const SESSION: usize = 64;
     const FRAME_READER: usize = 48;
 
+    /// The size of what `f` returns.
+    fn returned_size<A, B, C, D, E, F, G, R>(_: fn(A, B, C, D, E, F, G) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
     #[tokio::test]
     async fn an_idle_session_stays_within_its_memory_budget() {
         let config = crate::Config::parse("[[replicas]]\nurl = \"http://127.0.0.1:1\"\n").unwrap();
@@ -385,6 +456,11 @@ mod budget {
             (
                 "session future",
                 std::mem::size_of_val(&future),
+                SESSION_FUTURE,
+            ),
+            (
+                "session future on a ring",
+                returned_size(run_on_ring as fn(_, _, _, _, _, _, _) -> _),
                 SESSION_FUTURE,
             ),
             ("Session", std::mem::size_of::<Session>(), SESSION),

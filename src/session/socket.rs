@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use crate::frames::FrameWriter;
 use crate::relay::Source;
 use crate::tls::{TlsHalf, TlsIo};
+use crate::uring::{RingHalf, RingSocket};
 
 /// The client's side of a TLS listener.
 pub(crate) type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
@@ -28,6 +29,8 @@ pub(crate) trait Transport: Sized + Send + 'static {
     type Read: AsyncRead + Readiness + Unpin + Send + Sync + 'static;
     type Write: tokio::io::AsyncWrite + Unpin + Send + Sync + 'static;
     fn split(self) -> (Self::Read, Self::Write);
+    /// A plain TCP stream (tokio's `TcpStream`): its sessions may move onto an io_uring ring.
+    const PLAIN_TCP: bool = false;
     /// Close at once, without a half-close or a linger: both Close frames have passed.
     fn close_now(read: Self::Read, write: Self::Write);
 }
@@ -52,6 +55,7 @@ impl<S: TlsIo> Readiness for TlsHalf<S> {
 impl Transport for TcpStream {
     type Read = OwnedReadHalf;
     type Write = OwnedWriteHalf;
+    const PLAIN_TCP: bool = true;
 
     fn split(self) -> (OwnedReadHalf, OwnedWriteHalf) {
         self.into_split()
@@ -83,6 +87,25 @@ macro_rules! tls_transport {
 
 tls_transport!(ServerTls);
 tls_transport!(ClientTls);
+
+impl Readiness for RingHalf {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        RingHalf::poll_readable(self, cx)
+    }
+}
+
+impl Transport for RingSocket {
+    type Read = RingHalf;
+    type Write = RingHalf;
+
+    fn split(self) -> (RingHalf, RingHalf) {
+        RingSocket::split(self)
+    }
+
+    fn close_now(read: RingHalf, write: RingHalf) {
+        drop((read, write));
+    }
+}
 
 pub(crate) type ReadSide<T> = Prefixed<<T as Transport>::Read>;
 pub(crate) type WriteSide<T> = FrameWriter<<T as Transport>::Write>;
@@ -117,12 +140,26 @@ impl<C: Transport + AsyncRead + tokio::io::AsyncWrite + Unpin> ClientSocket<C> {
     }
 
     pub(crate) fn into_halves(self) -> (ReadSide<C>, WriteSide<C>) {
-        let (read, write) = self.stream.split();
-        (
-            Prefixed::new(self.leftover, read),
-            FrameWriter::new(write, Role::Server),
-        )
+        client_halves(self.stream, self.leftover)
     }
+
+    /// The socket, and what the client sent after its upgrade request.
+    pub(crate) fn into_parts(self) -> (C, Bytes) {
+        (self.stream, self.leftover)
+    }
+}
+
+/// A client connection split for a session: reads start with the bytes hyper read past the
+/// upgrade request.
+pub(crate) fn client_halves<C: Transport>(
+    stream: C,
+    leftover: Bytes,
+) -> (ReadSide<C>, WriteSide<C>) {
+    let (read, write) = stream.split();
+    (
+        Prefixed::new(leftover, read),
+        FrameWriter::new(write, Role::Server),
+    )
 }
 
 /// A replica connection split for a session: reads start with the bytes read ahead during
