@@ -500,7 +500,14 @@ impl Socket {
     fn sent(self: Arc<Self>, result: i32) {
         let mut state = self.lock();
         let next = match (result, state.sending.take()) {
-            (n, Some((bytes, done))) if n >= 0 => {
+            (e, _) if e < 0 => {
+                state.write_error = Some(io::Error::from_raw_os_error(-e).kind());
+                state.queued = Vec::new();
+                None
+            }
+            // Nothing was in flight (cannot happen: one send at a time, taken only here).
+            (_, None) => None,
+            (n, Some((bytes, done))) => {
                 let done = done + n as usize;
                 if done < bytes.len() {
                     Some((bytes, done))
@@ -509,11 +516,6 @@ impl Socket {
                 } else {
                     Some((std::mem::take(&mut state.queued), 0))
                 }
-            }
-            (e, _) => {
-                state.write_error = Some(io::Error::from_raw_os_error(-e).kind());
-                state.queued = Vec::new();
-                None
             }
         };
         let entry = next
@@ -582,10 +584,11 @@ impl Drop for RingHalf {
             // Nothing will read it: cancel the receive so the socket can close.
             socket.cancel(RECV);
         }
-        if sending {
+        let runtime = tokio::runtime::Handle::try_current();
+        if let (true, Ok(runtime)) = (sending, runtime) {
             // What was written goes out (a Close frame may be in it), within the linger.
             let weak: Weak<Socket> = Arc::downgrade(socket);
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 tokio::time::sleep(LINGER).await;
                 if let Some(socket) = weak.upgrade() {
                     socket.cancel(SEND);

@@ -29,14 +29,9 @@ async fn deflate_replica(always: bool) -> (SocketAddr, Arc<Mutex<Vec<String>>>) 
         while let Ok((mut stream, _)) = listener.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read_u8().await {
-                        Ok(byte) => head.push(byte),
-                        Err(_) => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
                 let offered = head
                     .to_ascii_lowercase()
                     .contains("sec-websocket-extensions: permessage-deflate");
@@ -94,14 +89,8 @@ async fn upgrade_offering(addr: SocketAddr, extensions: &str) -> (String, TcpStr
          Sec-WebSocket-Extensions: {extensions}\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    bounded("the router's answer", async {
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.expect("response head"));
-        }
-    })
-    .await;
-    (String::from_utf8_lossy(&head).to_string(), stream)
+    let head = bounded("the router's answer", read_head(&mut stream)).await;
+    (head.expect("response head"), stream)
 }
 
 #[tokio::test]

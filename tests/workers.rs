@@ -78,11 +78,8 @@ async fn each_worker_accepts_from_its_own_listener() {
         let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
         bounded("every connection answered", async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                head.push(stream.read_u8().await.unwrap());
-            }
-            assert!(head.starts_with(b"HTTP/1.1 101"));
+            let head = read_head(&mut stream).await.unwrap();
+            assert!(head.starts_with("HTTP/1.1 101"));
             stream
                 .write_all(&raw_frame(0x81, b"hi", true))
                 .await

@@ -326,15 +326,23 @@ pub fn switching_protocols(head: &str) -> String {
     )
 }
 
-/// Accept one connection on `listener`, read its upgrade request and answer 101.
-pub async fn accept_one_upgrade(listener: &tokio::net::TcpListener) -> TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut stream, _) = listener.accept().await.unwrap();
+/// Read an HTTP head (request or response) byte by byte, so nothing after it is consumed;
+/// `None` if the stream ends or fails first.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Option<String> {
+    use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
-        head.push(stream.read_u8().await.unwrap());
+        head.push(stream.read_u8().await.ok()?);
     }
-    let response = switching_protocols(&String::from_utf8_lossy(&head));
+    Some(String::from_utf8_lossy(&head).to_string())
+}
+
+/// Accept one connection on `listener`, read its upgrade request and answer 101.
+pub async fn accept_one_upgrade(listener: &tokio::net::TcpListener) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let head = read_head(&mut stream).await.unwrap();
+    let response = switching_protocols(&head);
     stream.write_all(response.as_bytes()).await.unwrap();
     stream
 }
