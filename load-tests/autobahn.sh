@@ -6,7 +6,8 @@
 #   load-tests/autobahn.sh                 # quick set: all but 9.* (performance) and 12.*/13.* (compression)
 #   CASES=compression load-tests/autobahn.sh  # 12.* and 13.* (permessage-deflate) only (slow:
 #                                             # the Python testee takes about 15 minutes per agent)
-#   CASES=compression-sample load-tests/autobahn.sh  # the smallest messages of each (CI)
+#   CASES=compression-small load-tests/autobahn.sh   # the six smallest message sizes of each group
+#   CASES=compression-sample load-tests/autobahn.sh  # the three (12.*) or two (13.*) smallest (CI)
 #   CASES=full load-tests/autobahn.sh      # every case (about a minute more)
 #
 # The echo replica is wsrouter's own (no extensions), except for the compression set, whose
@@ -83,9 +84,16 @@ STATUS_PORT=$admin_port fleet_router "$tls_port" 'max_frame_bytes = 67108864' \
 case $CASES in
     quick) cases='["*"]'; exclude='["9.*", "12.*", "13.*"]' ;;
     compression) cases='["12.*", "13.*"]'; exclude='[]' ;;
-    compression-sample) cases='["12.*.1", "12.*.2", "12.*.3", "13.*.1", "13.*.2"]'; exclude='[]' ;;
+    # Case ids listed one by one: the suite matches "12.*.1" as a prefix (12.1.10 too).
+    compression-sample) cases=$(python3 -c 'import json; print(json.dumps(
+        [f"12.{g}.{c}" for g in range(1, 6) for c in range(1, 4)]
+        + [f"13.{g}.{c}" for g in range(1, 8) for c in range(1, 3)]))'); exclude='[]' ;;
+    # The same with the first six message sizes of every group (up to 8 KiB messages).
+    compression-small) cases=$(python3 -c 'import json; print(json.dumps(
+        [f"12.{g}.{c}" for g in range(1, 6) for c in range(1, 7)]
+        + [f"13.{g}.{c}" for g in range(1, 8) for c in range(1, 7)]))'); exclude='[]' ;;
     full) cases='["*"]'; exclude='[]' ;;
-    *) echo "autobahn.sh: CASES must be quick, compression, compression-sample or full" >&2; exit 2 ;;
+    *) echo "autobahn.sh: CASES must be quick, compression, compression-small, compression-sample or full" >&2; exit 2 ;;
 esac
 rm -rf "$WORK/report"
 cat > "$WORK/fuzzingclient.json" <<JSON
