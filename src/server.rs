@@ -231,6 +231,7 @@ impl Router {
         let endpoints = Endpoints::Public {
             admin: self.proxy.public_admin,
         };
+        prepare_data_plane(&self.proxy);
         match TcpListener::from_std(own_listener) {
             Ok(listener) => {
                 accept_until(
@@ -286,6 +287,7 @@ impl Router {
                     let serve = async {
                         match TcpListener::from_std(listener) {
                             Ok(listener) => {
+                                prepare_data_plane(&proxy);
                                 accept_until(listener, proxy, gate, endpoints, stopped).await
                             }
                             Err(error) => {
@@ -341,6 +343,13 @@ async fn drain(
             let _ = close_all.send(true);
             within(limits.close_timeout).await
         }
+    }
+}
+
+/// Set up this worker's io_uring ring, when sessions go on one, before the first session.
+fn prepare_data_plane(proxy: &Proxy) {
+    if proxy.io_uring {
+        let _ = crate::uring::Ring::current();
     }
 }
 
