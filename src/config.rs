@@ -849,19 +849,7 @@ fn listen(file: &file::Listen) -> Result<Listen, ConfigError> {
         })
         .collect::<Result<_, _>>()?;
     let tls = file.tls.as_ref().map(listen_tls).transpose()?;
-    let io = match std::env::var(Io::ENV) {
-        Ok(name) => match name.as_str() {
-            "epoll" => Io::Epoll,
-            "io_uring" => Io::IoUring,
-            _ => {
-                return Err(invalid(
-                    Io::ENV.to_string(),
-                    format!("{name:?} is neither \"epoll\" nor \"io_uring\""),
-                ))
-            }
-        },
-        Err(_) => file.io,
-    };
+    let io = io_setting(file.io, std::env::var(Io::ENV).ok().as_deref())?;
     Ok(Listen {
         addr: SocketAddr::new(ip, file.port),
         workers: file.workers,
@@ -870,6 +858,19 @@ fn listen(file: &file::Listen) -> Result<Listen, ConfigError> {
         tls,
         io,
     })
+}
+
+/// `[listen] io`, unless the environment variable [`Io::ENV`] says otherwise.
+fn io_setting(file: Io, env: Option<&str>) -> Result<Io, ConfigError> {
+    match env {
+        None => Ok(file),
+        Some("epoll") => Ok(Io::Epoll),
+        Some("io_uring") => Ok(Io::IoUring),
+        Some(other) => Err(invalid(
+            Io::ENV,
+            format!("{other:?} is neither \"epoll\" nor \"io_uring\""),
+        )),
+    }
 }
 
 /// Load and check the listener's certificate and key, naming the key at fault.
@@ -1504,6 +1505,30 @@ pub fn parse_replica_url(url: &str) -> Result<ReplicaAddr, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_data_plane_comes_from_the_file_unless_the_environment_overrides_it() {
+        use super::{io_setting, Io};
+        assert_eq!(io_setting(Io::IoUring, None).unwrap(), Io::IoUring);
+        assert_eq!(
+            io_setting(Io::Epoll, Some("io_uring")).unwrap(),
+            Io::IoUring
+        );
+        assert_eq!(io_setting(Io::IoUring, Some("epoll")).unwrap(), Io::Epoll);
+        let error = io_setting(Io::Epoll, Some("kqueue"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("WSROUTER_IO") && error.contains("kqueue"),
+            "{error}"
+        );
+        let error = super::Config::parse(
+            "[listen]\nio = \"kqueue\"\n[[replicas]]\nurl = \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("io") && error.contains("kqueue"), "{error}");
+    }
+
     use super::*;
 
     fn err(text: &str) -> String {

@@ -280,8 +280,8 @@ impl Ring {
         }
     }
 
-    /// Submit what is queued and hand out what completed. Whether anything was done.
-    fn turn(&self) -> bool {
+    /// Submit what is queued and hand out what completed.
+    fn turn(&self) {
         let mut reaped = {
             let mut state = self.lock();
             // Deferred completion work runs in an enter too.
@@ -302,12 +302,10 @@ impl Ring {
             );
             reaped
         };
-        let worked = !reaped.is_empty();
         for (user_data, result, flags) in reaped.drain(..) {
             complete(self, user_data, result, flags);
         }
         self.lock().reaped = reaped;
-        worked
     }
 }
 

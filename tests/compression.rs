@@ -201,3 +201,25 @@ async fn a_replica_enabling_an_extension_nobody_offered_is_passed_over() {
     assert!(error.contains("extension"), "{error}");
     assert_eq!(snapshot.replicas[0].health.consecutive_failures, 0);
 }
+
+#[tokio::test]
+async fn negotiated_compression_allows_rsv1_on_a_message_start_and_nothing_else() {
+    let (replica, _) = deflate_replica(false).await;
+    let router = start_always_healthy(&[format!("http://{replica}")], "").await;
+    for (what, frame) in [
+        ("RSV1 on a ping", raw_frame(0xc9, b"p", true)),
+        ("RSV1 on a close", raw_frame(0xc8, &[0x03, 0xe8], true)),
+        ("RSV2 on a binary frame", raw_frame(0xa2, b"x", true)),
+        ("RSV1 and RSV3 together", raw_frame(0xd2, b"x", true)),
+    ] {
+        let (head, mut client) = upgrade_offering(router.addr, "permessage-deflate").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        client.write_all(&frame).await.unwrap();
+        let (first, payload) = read_raw_frame(&mut client).await.unwrap();
+        assert_eq!(first, 0x88, "{what}");
+        assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1002, "{what}");
+    }
+    // A client's protocol error is the client's: nothing counts against the replica.
+    let snapshot = router.registry.snapshot();
+    assert_eq!(snapshot.replicas[0].health.consecutive_failures, 0);
+}

@@ -330,6 +330,62 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_may_accept_only_the_permessage_deflate_it_was_offered() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let accept = accept_key(key.as_bytes());
+        let answer = |extensions: &[&'static str], offered: bool| {
+            let mut request = UpstreamRequest::new("/".into());
+            if offered {
+                request.push(
+                    &header::SEC_WEBSOCKET_EXTENSIONS,
+                    &HeaderValue::from_static("permessage-deflate"),
+                );
+            }
+            let mut headers = vec![
+                httparse::Header {
+                    name: "upgrade",
+                    value: b"websocket",
+                },
+                httparse::Header {
+                    name: "connection",
+                    value: b"Upgrade",
+                },
+                httparse::Header {
+                    name: "sec-websocket-accept",
+                    value: accept.as_bytes(),
+                },
+            ];
+            for value in extensions {
+                headers.push(httparse::Header {
+                    name: "sec-websocket-extensions",
+                    value: value.as_bytes(),
+                });
+            }
+            check_response(StatusCode::SWITCHING_PROTOCOLS, &headers, key, &request)
+        };
+        let (kept, compression) =
+            answer(&["permessage-deflate; server_no_context_takeover"], true).unwrap();
+        assert!(compression);
+        assert_eq!(
+            kept[header::SEC_WEBSOCKET_EXTENSIONS],
+            "permessage-deflate; server_no_context_takeover"
+        );
+        assert!(!answer(&[], true).unwrap().1, "an offer declined");
+        for (extensions, offered) in [
+            (&["permessage-deflate"][..], false),
+            (&["x-webkit-deflate-frame"][..], true),
+            (&["permessage-deflate, permessage-deflate"][..], true),
+            (&["permessage-deflate", "permessage-deflate"][..], true),
+            (&["permessage-deflate, x-other"][..], true),
+        ] {
+            assert!(
+                matches!(answer(extensions, offered), Err(ConnectError::BadAnswer(_))),
+                "{extensions:?} (offered: {offered})"
+            );
+        }
+    }
+
+    #[test]
     fn interim_answers_are_recognised_and_101_is_not_one() {
         let continue_then = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n";
         assert_eq!(complete_interim(continue_then).unwrap(), Some((25, 100)));
