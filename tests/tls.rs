@@ -57,6 +57,17 @@ async fn metric(admin: SocketAddr, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
+/// Wait (bounded) until `series` reads `value`: a refused or timed-out handshake is counted
+/// just after its connection closes, possibly on another worker than the one answering.
+async fn metric_reaches(admin: SocketAddr, series: &str, value: f64) {
+    bounded(series, async {
+        while metric(admin, series).await != value {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
 
 #[tokio::test]
@@ -156,11 +167,11 @@ async fn plain_http_on_the_tls_port_is_told_to_use_tls() {
     assert!(answer.contains("\"tls_required\""), "{answer}");
     let admin = router.admin.unwrap();
     // Counted once the router has read what the client sent (the answer goes first).
-    bounded("the not_tls count", async {
-        while metric(admin, "wsrouter_tls_handshakes_total{result=\"not_tls\"}").await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    metric_reaches(
+        admin,
+        "wsrouter_tls_handshakes_total{result=\"not_tls\"}",
+        1.0,
+    )
     .await;
     // The admin listener stays plain.
     let status = raw_http(admin, "GET /status HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -193,10 +204,12 @@ async fn a_stalled_tls_handshake_is_closed_after_the_header_timeout() {
     assert_eq!(n, 0, "closed without an answer");
     assert!(started.elapsed() >= Duration::from_millis(250));
     let admin = router.admin.unwrap();
-    assert_eq!(
-        metric(admin, "wsrouter_tls_handshakes_total{result=\"timed_out\"}").await,
-        1.0
-    );
+    metric_reaches(
+        admin,
+        "wsrouter_tls_handshakes_total{result=\"timed_out\"}",
+        1.0,
+    )
+    .await;
     // A client that is not TLS-stalled meanwhile still gets through.
     let mut ws = wss(router.addr, &pki).await;
     echo_once(&mut ws, b"after the stall").await;
