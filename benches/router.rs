@@ -75,6 +75,7 @@ async fn pump_frames(size: usize) {
         close_timeout: Duration::from_secs(1),
         max_frame_bytes: 16 << 20,
         compression: false,
+        splice: false,
     };
     let state = relay::PumpState::new(Direction::ToUpstream, link, &limits);
     let outcome = relay::pump(&mut source, &mut sink, state).await;

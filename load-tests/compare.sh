@@ -8,6 +8,9 @@
 #   BASELINE=/path/to/old/wsrouter TARGETS="baseline wsrouter" load-tests/compare.sh
 #                                      # this build against an earlier one, alternating
 #   SYSCALLS=1 load-tests/compare.sh   # also system calls per message (strace -c -f)
+#   TARGETS="direct nginx haproxy wsrouter wsrouter-splice" SIZES=1048576 CONNECTIONS="4 64" \
+#     load-tests/compare.sh            # large frames, with [listen] splice = true beside
+#                                      # the default copy (splice only acts from 256 KiB)
 #   TLS=1 load-tests/compare.sh        # each proxy terminates TLS (wss://) with the same
 #                                      # ECDSA P-256 certificate; adds full and resumed
 #                                      # handshake rows (no direct or baseline rows)
@@ -36,7 +39,7 @@ else
   TARGETS=${TARGETS:-"direct nginx haproxy ${BASELINE:+baseline }wsrouter wsrouter-uring"}
 fi
 REPLICA_PORTS=(18001 18002)
-declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002 [baseline]=19003 [wsrouter-uring]=19004)
+declare -A PORT=([direct]=18001 [wsrouter]=19000 [nginx]=19001 [haproxy]=19002 [baseline]=19003 [wsrouter-uring]=19004 [wsrouter-splice]=19005)
 wants() { [[ " $TARGETS " == *" $1 "* ]]; }
 if wants baseline && [ ! -x "$BASELINE" ]; then echo "compare.sh: BASELINE=$BASELINE is not an executable wsrouter" >&2; exit 2; fi
 
@@ -88,7 +91,8 @@ done
 
 # Every wsrouter gets the same settings; per-client limits are off because all the load
 # comes from one address (an earlier build may not know those keys: they go in this one only).
-# wsrouter-uring is the same build with the io_uring data plane ($3: more [listen] lines).
+# wsrouter-uring is the same build with the io_uring data plane, wsrouter-splice with splice(2)
+# for large replica frames ($3: more [listen] lines).
 router_config() {
   cat <<CONF
 [listen]
@@ -107,7 +111,7 @@ primary = true
 url = "http://127.0.0.1:${REPLICA_PORTS[1]}"
 CONF
 }
-WSROUTER_PID="" BASELINE_PID="" URING_PID=""
+WSROUTER_PID="" BASELINE_PID="" URING_PID="" SPLICE_PID=""
 if wants wsrouter; then
   router_config "${PORT[wsrouter]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' > "$WORK/wsrouter.toml"
   RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
@@ -120,6 +124,13 @@ if wants wsrouter-uring; then
   RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter-uring.toml" 2>"$WORK/wsrouter-uring.log" &
   URING_PID=$!
   PIDS+=($URING_PID)
+fi
+if wants wsrouter-splice; then
+  router_config "${PORT[wsrouter-splice]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' \
+    'splice = true' > "$WORK/wsrouter-splice.toml"
+  RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter-splice.toml" 2>"$WORK/wsrouter-splice.log" &
+  SPLICE_PID=$!
+  PIDS+=($SPLICE_PID)
 fi
 if wants baseline; then
   router_config "${PORT[baseline]}" "" > "$WORK/baseline.toml"
@@ -191,6 +202,7 @@ target_pids() {
   case "$1" in
     wsrouter) echo "$WSROUTER_PID" ;;
     wsrouter-uring) echo "$URING_PID" ;;
+    wsrouter-splice) echo "$SPLICE_PID" ;;
     baseline) echo "$BASELINE_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     nginx) local master; master=$(cat "$WORK/nginx.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;

@@ -6,7 +6,7 @@ import json
 import statistics
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "haproxy", "baseline", "wsrouter", "wsrouter-uring"]
+TARGETS = ["direct", "nginx", "haproxy", "baseline", "wsrouter", "wsrouter-uring", "wsrouter-splice"]
 
 
 def median(values):
@@ -32,6 +32,8 @@ def handshake_kind(r):
 
 
 def size_label(size):
+    if size >= 1 << 20 and size % (1 << 20) == 0:
+        return f"{size >> 20} MiB"
     return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
 
 
@@ -136,7 +138,7 @@ def main(path):
         print("\nErrors or mismatched echoes:\n" + "\n".join(f"- {p}" for p in problems))
 
 
-COLOURS = {"direct": "#8c8c8c", "nginx": "#2a9d3f", "haproxy": "#1f6fb4", "baseline": "#c9a227", "wsrouter": "#d1495b", "wsrouter-uring": "#7b2d8e"}
+COLOURS = {"direct": "#8c8c8c", "nginx": "#2a9d3f", "haproxy": "#1f6fb4", "baseline": "#c9a227", "wsrouter": "#d1495b", "wsrouter-uring": "#7b2d8e", "wsrouter-splice": "#e07b39"}
 
 
 def bars(ax, groups, title, fmt, log=False):

@@ -146,6 +146,8 @@ pub struct Listen {
     pub tls: Option<ListenTls>,
     /// What moves a session's frames once it is open.
     pub io: Io,
+    /// A replica's large payloads that pass as they are go to plain TCP clients by splice(2).
+    pub splice: bool,
 }
 
 /// The data plane: how a session's sockets are read and written after the 101.
@@ -506,6 +508,7 @@ pub mod file {
         pub trusted_proxies: Vec<String>,
         pub tls: Option<ListenTls>,
         pub io: Io,
+        pub splice: bool,
     }
 
     impl File {
@@ -550,6 +553,7 @@ pub mod file {
                 trusted_proxies: Vec::new(),
                 tls: None,
                 io: Io::default(),
+                splice: false,
             }
         }
     }
@@ -857,6 +861,7 @@ fn listen(file: &file::Listen) -> Result<Listen, ConfigError> {
         trusted_proxies,
         tls,
         io,
+        splice: file.splice,
     })
 }
 
@@ -1820,6 +1825,12 @@ mod tests {
     fn strict_types_and_keys() {
         let e = err("[[replicas]]\nurl = \"http://a\"\nprimary = \"false\"\n");
         assert!(e.contains("primary") && e.contains("invalid type"), "{e}");
+        let e = err(&format!("[listen]\nsplice = \"yes\"\n{ONE}"));
+        assert!(e.contains("splice") && e.contains("invalid type"), "{e}");
+        assert!(
+            !Config::parse(ONE).unwrap().listen.splice,
+            "splice is off unless asked"
+        );
         let e = err(&format!("[health_check]\nfailure_threshold = 2.7\n{ONE}"));
         assert!(
             e.contains("failure_threshold") && e.contains("invalid type"),

@@ -303,6 +303,8 @@ impl Label for CloseCode {
 pub struct DirectionStats {
     pub frames: AtomicU64,
     pub bytes: AtomicU64,
+    /// Payload bytes of these that moved by splice(2), never entering user space.
+    pub spliced: AtomicU64,
 }
 
 impl DirectionStats {
@@ -313,8 +315,16 @@ impl DirectionStats {
         }
     }
 
+    pub fn count_spliced(&self, bytes: usize) {
+        self.spliced.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     pub fn frames(&self) -> u64 {
         self.frames.load(Ordering::Relaxed)
+    }
+
+    pub fn spliced(&self) -> u64 {
+        self.spliced.load(Ordering::Relaxed)
     }
 
     pub fn bytes(&self) -> u64 {

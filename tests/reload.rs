@@ -294,3 +294,47 @@ async fn an_unreadable_file_changes_nothing_and_overflowing_values_are_refused_w
     std::fs::write(&w.path, config_text(&[(&a, true), (&b, false)], "")).unwrap();
     until("the valid config", || names(&w.router).len() == 2).await;
 }
+
+#[tokio::test]
+async fn splice_turned_on_applies_to_sessions_opened_after_the_reload() {
+    let a = EchoReplica::start().await.unwrap();
+    let w = watched(&config_text(&[(&a, true)], "")).await;
+    w.router.wait_status(0, Status::Healthy).await;
+    let payload = vec![5u8; 1 << 20];
+    let echo_large = |mut ws: Client| {
+        let payload = &payload;
+        async move {
+            ws.set_max_message_size(2 << 20);
+            ws.write_frame(Frame::binary(Payload::Borrowed(payload)))
+                .await
+                .unwrap();
+            assert!(read(&mut ws).await.payload[..] == payload[..]);
+            ws
+        }
+    };
+    let old = echo_large(connect(w.router.addr).await).await;
+    assert_eq!(spliced_bytes(&w.router).await, 0, "off by default");
+
+    let text = config_text(&[(&a, true)], "").replace("port = 0\n", "port = 0\nsplice = true\n");
+    std::fs::write(&w.path, text).unwrap();
+    if on_the_ring() {
+        return;
+    }
+    bounded("a new session to splice", async {
+        loop {
+            drop(echo_large(connect(w.router.addr).await).await);
+            if spliced_bytes(&w.router).await > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let spliced = spliced_bytes(&w.router).await;
+    drop(echo_large(old).await);
+    assert_eq!(
+        spliced_bytes(&w.router).await,
+        spliced,
+        "a session keeps the setting it opened with"
+    );
+}

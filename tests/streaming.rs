@@ -125,13 +125,21 @@ async fn large_and_fragmented_binary_messages_echo_intact() {
 
 #[tokio::test]
 async fn a_replica_dying_mid_frame_still_gets_its_client_worker_failed_and_1011() {
-    // The replica starts a 1 MiB binary frame, sends 100 KiB of it and dies.
-    let sent = 100 * 1024;
+    replica_dies_mid_frame("", 100 * 1024).await;
+}
+
+#[tokio::test]
+async fn a_replica_dying_mid_spliced_frame_still_gets_its_client_worker_failed_and_1011() {
+    replica_dies_mid_frame(SPLICE, 700 * 1024 + 3).await;
+}
+
+/// The replica starts a 1 MiB binary frame, sends `sent` bytes of it and dies.
+async fn replica_dies_mid_frame(extra: &str, sent: usize) {
     let mut start = vec![0x82, 127];
     start.extend_from_slice(&(FRAME as u64).to_be_bytes());
     start.extend(std::iter::repeat_n(0xab, sent));
     let (replica, _received) = recording_replica(start).await;
-    let router = start_always_healthy(&[format!("http://{replica}")], "").await;
+    let router = start_always_healthy(&[format!("http://{replica}")], extra).await;
     let mut ws = connect(router.addr).await;
     ws.set_max_message_size(4 * FRAME);
 
@@ -214,4 +222,163 @@ async fn shutdown_waits_for_a_streamed_frame_to_end_before_its_close() {
         .expect("the client's Close");
     assert_eq!(first, 0x88);
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+}
+
+/// Turns on splice(2) for a replica's large payloads (off by default).
+const SPLICE: &str = "[listen]\nsplice = true";
+
+#[tokio::test]
+async fn with_splice_on_a_replicas_large_binary_payloads_bypass_user_space_and_arrive_intact() {
+    let (_replica, router) = single_echo(SPLICE).await;
+    let mut ws = connect(router.addr).await;
+    ws.set_max_message_size(8 * FRAME);
+    // Before a pipe is made, one read of the payload (at most 256 KiB) goes through user space.
+    let first_read = 256 * 1024;
+    let mut least = 0;
+    let mut most = 0;
+    for size in [FRAME, 3 * FRAME + 3, 300_000] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 13 % 241) as u8).collect();
+        ws.write_frame(Frame::binary(Payload::Borrowed(&payload)))
+            .await
+            .unwrap();
+        let echoed = read(&mut ws).await;
+        assert_eq!((echoed.opcode, echoed.fin), (OpCode::Binary, true));
+        assert!(echoed.payload[..] == payload[..], "{size} bytes changed");
+        least += size.saturating_sub(first_read);
+        most += size;
+    }
+    let spliced = spliced_bytes(&router).await;
+    if on_the_ring() {
+        assert_eq!(spliced, 0);
+    } else {
+        assert!(
+            (least..=most).contains(&spliced),
+            "spliced {spliced}, expected {least}..={most}"
+        );
+    }
+
+    // Text is checked as UTF-8 on its way, so it goes through user space, however large.
+    let text = "é".repeat(FRAME / 2);
+    ws.write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
+        .await
+        .unwrap();
+    let echoed = read(&mut ws).await;
+    assert_eq!(echoed.opcode, OpCode::Text);
+    assert!(echoed.payload[..] == *text.as_bytes());
+    assert_eq!(
+        spliced_bytes(&router).await,
+        spliced,
+        "text is never spliced"
+    );
+    echo_once(&mut ws, b"after").await;
+}
+
+#[tokio::test]
+async fn without_splice_on_large_payloads_are_copied_through_the_router() {
+    let (_replica, router) = single_echo("").await;
+    let mut ws = connect(router.addr).await;
+    ws.set_max_message_size(2 * FRAME);
+    let payload = vec![7u8; FRAME];
+    ws.write_frame(Frame::binary(Payload::Borrowed(&payload)))
+        .await
+        .unwrap();
+    assert!(read(&mut ws).await.payload[..] == payload[..]);
+    assert_eq!(spliced_bytes(&router).await, 0);
+}
+
+/// Read exactly `len` bytes from a raw client socket, bounded.
+async fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = vec![0; len];
+    bounded("bytes at the client", stream.read_exact(&mut bytes))
+        .await
+        .expect("client connection open");
+    bytes
+}
+
+#[tokio::test]
+async fn a_spliced_frame_ends_whole_before_the_close_of_a_shutdown() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let replica_addr = listener.local_addr().unwrap();
+    let mut router = start_always_healthy(&[format!("http://{replica_addr}")], SPLICE).await;
+    let (mut client, mut replica) = tokio::join!(raw_upgrade(router.addr), async {
+        accept_one_upgrade(&listener).await
+    });
+    let payload: Vec<u8> = (0..FRAME).map(|i| (i * 31 % 239) as u8).collect();
+    let mut head = vec![0x82, 127];
+    head.extend_from_slice(&(FRAME as u64).to_be_bytes());
+    let (first, second) = (200 * 1024, 600 * 1024);
+
+    // The start of the frame goes through user space (one read), then a pipe is made.
+    replica.write_all(&head).await.unwrap();
+    replica.write_all(&payload[..first]).await.unwrap();
+    let mut got = read_exactly(&mut client, head.len() + first).await;
+    assert_eq!(got[..head.len()], head[..]);
+    replica.write_all(&payload[first..second]).await.unwrap();
+    got.extend(read_exactly(&mut client, second - first).await);
+    if on_the_ring() {
+        assert_eq!(spliced_bytes(&router).await, 0);
+    } else {
+        let spliced = spliced_bytes(&router).await;
+        assert!(spliced >= second - first, "spliced only {spliced}");
+    }
+
+    // Shutdown while the frame is mid-way: its close waits for the frame's end.
+    let _drain = tokio::spawn(async move { router.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    replica.write_all(&payload[second..]).await.unwrap();
+    got.extend(read_exactly(&mut client, FRAME - second).await);
+    assert!(
+        got[head.len()..] == payload[..],
+        "the spliced frame changed"
+    );
+    let close = loop {
+        let (first_byte, frame) = read_raw_frame(&mut client).await.expect("the close");
+        if first_byte == 0x88 {
+            break frame;
+        }
+        assert_eq!(first_byte, 0x81, "only the JSON notice comes between");
+    };
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1001);
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_spliced_frame_gets_its_replica_told_1001() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let replica_addr = listener.local_addr().unwrap();
+    let router = start_always_healthy(&[format!("http://{replica_addr}")], SPLICE).await;
+    let (mut client, mut replica) = tokio::join!(raw_upgrade(router.addr), async {
+        accept_one_upgrade(&listener).await
+    });
+    let mut head = vec![0x82, 127];
+    head.extend_from_slice(&(4 * FRAME as u64).to_be_bytes());
+    replica.write_all(&head).await.unwrap();
+    replica.write_all(&vec![9; FRAME]).await.unwrap();
+    read_exactly(&mut client, head.len() + FRAME / 2).await;
+    let spliced = spliced_bytes(&router).await;
+    assert!(on_the_ring() || spliced > 0, "nothing spliced yet");
+    drop(client);
+
+    // The replica goes on sending its frame; the router, unable to write to the client, tells
+    // the replica 1001 (client gone) and closes.
+    let mut sink = vec![0u8; 64 * 1024];
+    let mut seen = Vec::new();
+    bounded("the replica's connection to end", async {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let _ = replica.write_all(&sink[..4096]).await;
+            match tokio::time::timeout(Duration::from_millis(20), replica.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => seen.extend_from_slice(&sink[..n]),
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(seen.len() >= 8, "no Close reached the replica: {seen:?}");
+    assert_eq!(seen[0], 0x88, "a Close goes to the replica");
+    assert!(seen[1] & 0x80 != 0, "masked");
+    let key = &seen[2..6];
+    let code = u16::from_be_bytes([seen[6] ^ key[0], seen[7] ^ key[1]]);
+    assert_eq!(code, 1001);
 }

@@ -124,6 +124,11 @@ impl StreamedHead {
     pub fn mask(&self) -> Option<[u8; 4]> {
         self.keys.map(|(_, new)| new)
     }
+
+    /// The payload passes as it came: unmasked, and not text to be checked.
+    pub fn passes_as_is(&self) -> bool {
+        self.keys.is_none() && !self.text
+    }
 }
 
 pub struct FrameReader {

@@ -206,6 +206,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner.shutdown().await
     }
 
+    /// The underlying writer (bytes written to it directly go out after what is queued only
+    /// once [`FrameWriter::flush`] has run).
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
     /// The underlying writer; anything still queued is dropped.
     pub fn into_inner(self) -> W {
         self.inner

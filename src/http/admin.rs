@@ -509,6 +509,13 @@ pub fn metrics(proxy: &Proxy) -> Response<Body> {
             let _ = writeln!(out, "{name}{{direction=\"{direction}\"}} {value}");
         }
     }
+    family(
+        &mut out,
+        "wsrouter_spliced_bytes_total",
+        "counter",
+        "Payload bytes of replicas' large frames moved to clients by splice(2), never copied through the router.",
+    );
+    let _ = writeln!(out, "wsrouter_spliced_bytes_total {}", down.spliced());
     let name = "wsrouter_upstream_handshake_seconds";
     family(
         &mut out,

@@ -91,6 +91,7 @@ fn session_settings(config: &Config) -> SessionSettings {
             max_frame_bytes: config.limits.max_frame_bytes,
             // Negotiated per session: see `session::run`.
             compression: false,
+            splice: config.listen.splice,
         },
         keepalive: Keepalive {
             ping_interval: config.sessions.ping_interval,

@@ -6,18 +6,18 @@ mod closing;
 mod keepalive;
 mod orders;
 mod pump;
+mod splice;
 mod stream;
 
 pub(crate) use closing::{drain_until_close, write_order};
 pub(crate) use keepalive::{Keepalive, Watch};
 pub use orders::{CloseOrder, Inbox, Order};
-pub use pump::{pump, Direction, Link, PumpEnd, PumpOutcome, PumpState, Source};
+pub use pump::{pump, Direction, Link, PumpEnd, PumpOutcome, PumpState, Sink, Source};
 
 use std::future::Future;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
-use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 
 use crate::close::{CloseReason, RequestId};
@@ -33,6 +33,9 @@ pub struct SessionLimits {
     pub max_frame_bytes: usize,
     /// permessage-deflate was negotiated end to end: compressed messages pass as they are.
     pub compression: bool,
+    /// A replica's streamed payloads that pass as they are may be spliced to the client
+    /// (`[listen] splice`; plain TCP on epoll only).
+    pub splice: bool,
 }
 
 /// How a whole session ended.
@@ -85,9 +88,9 @@ pub(crate) fn bridge<'a, CS, CW, US, UW>(
 ) -> impl Future<Output = SessionEnd> + 'a
 where
     CS: Source,
-    CW: AsyncWrite + Unpin,
+    CW: Sink,
     US: Source,
-    UW: AsyncWrite + Unpin,
+    UW: Sink,
 {
     async move {
         let [router_traffic, replica_traffic] = traffic;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::closing::{close_code, close_payload_error, drain_until_close, write_order};
@@ -143,7 +144,23 @@ pub trait Source: AsyncRead + Unpin + Sync {
     /// Ready when a read would find bytes (or EOF, or an error). A poll function rather than
     /// an async one: a parked pump then holds no readiness future (tokio's is 150 bytes).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+    /// The plain TCP socket beneath, with nothing read ahead waiting in front of it: a
+    /// replica's large payloads may then be spliced from it ([`super::splice`]).
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
 }
+
+/// A pump's byte sink. A plain TCP socket says so, and may then be spliced into.
+pub trait Sink: AsyncWrite + Unpin {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+/// In-memory pipes (benches, tests) and buffers take no splice.
+impl<T: AsyncWrite> Sink for tokio::io::WriteHalf<T> {}
+impl Sink for Vec<u8> {}
 
 /// In-memory pipes (benches, tests) never park.
 impl<T: AsyncRead + Send + Sync> Source for tokio::io::ReadHalf<T> {
@@ -165,7 +182,7 @@ pub fn pump<'a, S, W>(
 ) -> impl std::future::Future<Output = PumpOutcome> + 'a
 where
     S: Source,
-    W: AsyncWrite + Unpin,
+    W: Sink,
 {
     async move {
         let end = forward(source, sink, &mut state).await;
@@ -248,6 +265,11 @@ impl<'a> PumpState<'a> {
         self.total.bytes += counted.bytes;
     }
 
+    /// Whether payloads that pass as they are may be spliced from source to sink.
+    pub(super) fn splices(&self) -> bool {
+        self.limits.splice
+    }
+
     /// Whether the sink masks (it is the replica's connection, written as its client).
     pub(super) fn sink_masks(&self) -> bool {
         self.direction == Direction::ToUpstream
@@ -261,7 +283,7 @@ async fn forward<S, W>(
 ) -> PumpEnd
 where
     S: Source,
-    W: AsyncWrite + Unpin,
+    W: Sink,
 {
     let role = match state.direction {
         // The client side is read as its server: its frames must be masked.
@@ -298,7 +320,7 @@ async fn forward_ready<S, W>(
 ) -> Option<PumpEnd>
 where
     S: Source,
-    W: AsyncWrite + Unpin,
+    W: Sink,
 {
     loop {
         // Between frames: carry out the orders that came in meanwhile. This is what stops a
@@ -415,7 +437,7 @@ async fn wait_for_frame<S, W>(
 ) -> Result<Result<Head, WebSocketError>, PumpEnd>
 where
     S: Source,
-    W: AsyncWrite + Unpin,
+    W: Sink,
 {
     loop {
         let deadline = state.closing_deadline();
@@ -462,7 +484,7 @@ pub(super) async fn close_ordered<R, W>(
 ) -> PumpEnd
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: Sink,
 {
     let told = write_order(sink, order).await;
     let answer = drain_until_close(frames, source, Instant::now() + close_timeout).await;
@@ -471,7 +493,7 @@ where
 
 /// The source failed: tell the sink's peer why (or what it was promised, when the session
 /// was already closing).
-pub(super) async fn source_failed<W: AsyncWrite + Unpin>(
+pub(super) async fn source_failed<W: Sink>(
     sink: &mut FrameWriter<W>,
     direction: Direction,
     error: WebSocketError,
@@ -499,7 +521,7 @@ pub(super) async fn source_failed<W: AsyncWrite + Unpin>(
 
 /// End a [`Order::CloseAfterSource`]: write the promised close to the sink. `answer` is the
 /// source's own Close, when that is what ended the wait.
-async fn close_instead<W: AsyncWrite + Unpin>(
+async fn close_instead<W: Sink>(
     sink: &mut FrameWriter<W>,
     closing: Option<Box<Closing>>,
     answer: Option<Option<u16>>,
@@ -521,7 +543,7 @@ pub(super) async fn until(deadline: Option<Instant>) {
 }
 
 /// Send a keepalive ping now (flushed: the peer is silent, so nothing else will flush it).
-async fn send_ping<W: AsyncWrite + Unpin>(sink: &mut FrameWriter<W>) -> Result<(), WebSocketError> {
+async fn send_ping<W: Sink>(sink: &mut FrameWriter<W>) -> Result<(), WebSocketError> {
     sink.write_frame(keepalive_ping()).await?;
     sink.flush().await
 }
@@ -598,6 +620,7 @@ mod tests {
             close_timeout: Duration::from_millis(50),
             max_frame_bytes: 1024,
             compression: false,
+            splice: false,
         };
         let state = PumpState::new(Direction::ToClient, link, &limits);
         let outcome = pump(&mut source, &mut sink, state).await;

@@ -6,13 +6,15 @@ use std::task::ready;
 use std::time::Duration;
 
 use fastwebsockets::WebSocketError;
-use tokio::io::AsyncWrite;
+
 use tokio::time::Instant;
 
 use super::orders::{CloseOrder, Order};
 use super::pump::{
-    close_code_for, close_ordered, keepalive_ping, source_failed, until, PumpEnd, PumpState, Source,
+    close_code_for, close_ordered, keepalive_ping, source_failed, until, PumpEnd, PumpState, Sink,
+    Source,
 };
+use super::splice::{Broken, Pipe, SPLICE_MIN_BYTES};
 use crate::frames::{fresh_mask, FrameReader, FrameWriter, Head};
 
 /// Pass a streamed frame on as its payload arrives: the header first (with the first bytes),
@@ -23,7 +25,8 @@ use crate::frames::{fresh_mask, FrameReader, FrameWriter, Head};
 /// padding, so the failure notice after it reaches the sink's peer as a frame of its own.
 ///
 /// While the source has nothing to read, the read buffer is given back: a peer that stalls
-/// mid-frame costs no buffer.
+/// mid-frame costs no buffer. Between two plain TCP sockets, a payload that passes as it is
+/// (a replica's binary or compressed data) is spliced past the bytes already read.
 pub(super) async fn stream_frame<S, W>(
     frames: &mut FrameReader,
     source: &mut S,
@@ -33,7 +36,7 @@ pub(super) async fn stream_frame<S, W>(
 ) -> Result<(), PumpEnd>
 where
     S: Source,
-    W: AsyncWrite + Unpin,
+    W: Sink,
 {
     let new_key = state.sink_masks().then(fresh_mask);
     let streamed = frames.start_stream(head, new_key);
@@ -42,17 +45,33 @@ where
     let mut ping_owed = false;
     let mut close_order: Option<(Box<CloseOrder>, Instant)> = None;
     let mut left = streamed.payload_len;
+    let mut may_splice = state.splices() && streamed.passes_as_is();
+    let mut pipe: Option<Pipe> = None;
     while left > 0 {
-        let chunk = match frames.stream_chunk(&streamed, left) {
-            Ok(chunk) => chunk,
-            Err(error) => return Err(fail_mid_frame(sink, state, &streamed, left, error).await),
-        };
-        if !chunk.is_empty() {
-            let n = chunk.len();
-            sink.write_raw(chunk).await.map_err(PumpEnd::SinkFailed)?;
-            frames.consume_stream(n);
-            left -= n;
-            continue;
+        if pipe.is_none() {
+            let chunk = match frames.stream_chunk(&streamed, left) {
+                Ok(chunk) => chunk,
+                Err(error) => return Err(fail_mid_frame(sink, state, &streamed, left, error).await),
+            };
+            if !chunk.is_empty() {
+                let n = chunk.len();
+                sink.write_raw(chunk).await.map_err(PumpEnd::SinkFailed)?;
+                frames.consume_stream(n);
+                left -= n;
+                continue;
+            }
+            if may_splice
+                && left >= SPLICE_MIN_BYTES
+                && source.tcp().is_some()
+                && sink.get_ref().tcp().is_some()
+            {
+                // The rest of the payload bypasses user space, behind what is queued (the
+                // header at least). Out of descriptors for a pipe: it is copied as before.
+                may_splice = false;
+                frames.release();
+                sink.flush().await.map_err(PumpEnd::SinkFailed)?;
+                pipe = Pipe::new().ok();
+            }
         }
         let give_up_at = match (
             close_order.as_ref().map(|(_, at)| *at),
@@ -61,23 +80,46 @@ where
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let progress = async {
+            match pipe.as_mut() {
+                Some(pipe) => {
+                    let from = source.tcp().expect("a TCP source, checked when piped");
+                    let to = sink
+                        .get_ref()
+                        .tcp()
+                        .expect("a TCP sink, checked when piped");
+                    pipe.step(from, to, left).await
+                }
+                None => std::future::poll_fn(|cx| {
+                    if S::PARKS && !frames.holds_buffer() {
+                        ready!(source.poll_readable(cx))?;
+                    }
+                    let filled = frames.poll_fill(cx, source, left);
+                    if filled.is_pending() && S::PARKS {
+                        // Stalled mid-frame: hold no buffer until bytes arrive.
+                        frames.release();
+                    }
+                    filled
+                })
+                .await
+                .map(|()| 0)
+                .map_err(Broken::Source),
+            }
+        };
         tokio::select! {
             biased;
-            filled = std::future::poll_fn(|cx| {
-                if S::PARKS && !frames.holds_buffer() {
-                    ready!(source.poll_readable(cx))?;
+            progress = progress => match progress {
+                Ok(spliced) => {
+                    left -= spliced;
+                    if spliced > 0 {
+                        state.link.stats.count_spliced(spliced);
+                    }
                 }
-                let filled = frames.poll_fill(cx, source, left);
-                if filled.is_pending() && S::PARKS {
-                    // Stalled mid-frame: hold no buffer until bytes arrive.
-                    frames.release();
-                }
-                filled
-            }) => {
-                if let Err(error) = filled {
+                Err(Broken::Source(error)) => {
                     return Err(fail_mid_frame(sink, state, &streamed, left, error).await);
                 }
-            }
+                Err(Broken::Sink(error)) => return Err(PumpEnd::SinkFailed(error)),
+            },
             order = state.link.orders.next(), if close_order.is_none() => match order {
                 Order::Ping => ping_owed = true,
                 Order::CloseAfterSource(order) => state.close_after_source(*order),
@@ -102,7 +144,7 @@ where
 
 /// The source failed `left` bytes before the end of a streamed frame: complete the frame, then
 /// tell the sink's peer.
-async fn fail_mid_frame<W: AsyncWrite + Unpin>(
+async fn fail_mid_frame<W: Sink>(
     sink: &mut FrameWriter<W>,
     state: &mut PumpState<'_>,
     streamed: &crate::frames::StreamedHead,
@@ -125,7 +167,7 @@ async fn fail_mid_frame<W: AsyncWrite + Unpin>(
 /// Complete a streamed frame whose source failed: the payload it still owes, as zeros (under
 /// the frame's mask, so they arrive as zeros; zeros are valid UTF-8 too), within `timeout`.
 /// Whether it was completed.
-async fn pad_frame<W: AsyncWrite + Unpin>(
+async fn pad_frame<W: Sink>(
     sink: &mut FrameWriter<W>,
     mask: Option<[u8; 4]>,
     done: usize,

@@ -417,6 +417,7 @@ mod budget {
                     close_timeout: Duration::from_secs(1),
                     max_frame_bytes: 1 << 20,
                     compression: false,
+                    splice: false,
                 },
                 keepalive: Keepalive::default(),
                 close_on_unhealthy: false,

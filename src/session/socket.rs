@@ -14,7 +14,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::frames::FrameWriter;
-use crate::relay::Source;
+use crate::relay::{Sink, Source};
 use crate::tls::{TlsHalf, TlsIo};
 use crate::uring::{RingHalf, RingSocket};
 
@@ -27,7 +27,7 @@ pub(crate) type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
 /// able to say when it is readable without holding a buffer.
 pub(crate) trait Transport: Sized + Send + 'static {
     type Read: AsyncRead + Readiness + Unpin + Send + Sync + 'static;
-    type Write: tokio::io::AsyncWrite + Unpin + Send + Sync + 'static;
+    type Write: Sink + Send + Sync + 'static;
     fn split(self) -> (Self::Read, Self::Write);
     /// A plain TCP stream (tokio's `TcpStream`): its sessions may move onto an io_uring ring.
     const PLAIN_TCP: bool = false;
@@ -38,13 +38,33 @@ pub(crate) trait Transport: Sized + Send + 'static {
 /// Readiness without a read buffer (see [`Source`]).
 pub(crate) trait Readiness {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// The plain TCP socket read, for splice(2).
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
 impl Readiness for OwnedReadHalf {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         AsRef::<TcpStream>::as_ref(self).poll_read_ready(cx)
     }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
 }
+
+impl Sink for OwnedWriteHalf {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+/// rustls reads and writes through its own buffers: nothing to splice.
+impl<S: TlsIo> Sink for TlsHalf<S> {}
+
+/// The ring copies out of its own buffers: nothing to splice.
+impl Sink for RingHalf {}
 
 impl<S: TlsIo> Readiness for TlsHalf<S> {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -223,6 +243,14 @@ impl<R: AsyncRead + Readiness + Unpin + Sync> Source for Prefixed<R> {
             Poll::Ready(Ok(()))
         } else {
             self.inner.poll_readable(cx)
+        }
+    }
+
+    fn tcp(&self) -> Option<&TcpStream> {
+        if self.prefix.has_remaining() {
+            None
+        } else {
+            self.inner.tcp()
         }
     }
 }

@@ -822,3 +822,19 @@ pub async fn watched_router(path: &std::path::Path) -> (TestRouter, wsrouter::Re
     );
     (TestRouter::run(router), reloader)
 }
+
+/// The router's count of payload bytes spliced to clients (`wsrouter_spliced_bytes_total`).
+pub async fn spliced_bytes(router: &TestRouter) -> usize {
+    let metrics = raw_http(router.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wsrouter_spliced_bytes_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no spliced bytes count in {metrics}"))
+}
+
+/// Sessions run on the io_uring ring in this run (CI runs the suite both ways): the ring keeps
+/// its own buffers, so nothing is spliced there.
+pub fn on_the_ring() -> bool {
+    std::env::var("WSROUTER_IO").is_ok_and(|io| io == "io_uring")
+}
