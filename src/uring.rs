@@ -3,11 +3,13 @@
 //! pumps above are the epoll ones, unchanged.
 //!
 //! - Reads: one multishot receive per socket stays armed; the kernel takes a buffer from a
-//!   ring of provided buffers only when bytes arrive, and the bytes are copied out to the
-//!   socket at once, so a parked session holds no buffer and a session that is not read (its
-//!   sink is full) pins none of the shared ones. Past [`RECV_CAP`] unread bytes the receive is
-//!   cancelled, and armed again once the pump has read them: the kernel's socket buffer and
-//!   TCP hold the rest back, as on epoll.
+//!   ring of provided buffers only when bytes arrive. The pump, woken in the same loop turn,
+//!   reads straight out of the buffers it got; whatever it left unread by the driver's next
+//!   turn is copied out to the socket and the buffers go back, so a parked session holds no
+//!   buffer and a session that is not read (its sink is full) pins none of the shared ones
+//!   past one turn. Past [`RECV_CAP`] unread bytes the receive is cancelled, and armed again
+//!   once the pump has read them: the kernel's socket buffer and TCP hold the rest back, as on
+//!   epoll.
 //! - Writes: bytes are copied into the socket's send queue and one send per socket is in flight
 //!   (order holds; what comes meanwhile coalesces behind it); writes wait once
 //!   [`SEND_BUDGET`] bytes are pending, the backpressure the socket buffer gives on epoll.
@@ -41,6 +43,9 @@ const RING_ENTRIES: u32 = 1024;
 const BUFFERS: u16 = 256;
 const BUFFER_BYTES: usize = 16 * 1024;
 const BUFFER_GROUP: u16 = 0;
+/// Provided buffers that pumps may read straight from until the next turn; past this many, a
+/// receive is copied out at once, so the kernel never runs short for the others.
+const HELD_BUFFERS: u16 = BUFFERS / 2;
 /// Unread bytes past which a socket's receive is stopped until the pump reads them (what the
 /// frame reader may hold of one frame before it streams it).
 const RECV_CAP: usize = crate::frames::STREAM_BYTES;
@@ -90,6 +95,11 @@ struct RingState {
     unsubmitted: bool,
     /// Reused between turns: the completions reaped.
     reaped: Vec<(u64, i32, u32)>,
+    /// Sockets that were handed provided buffers since the last turn: what their pumps have
+    /// not read by the next turn is copied out, and the buffers go back.
+    holders: Vec<Arc<Socket>>,
+    /// Provided buffers held by sockets (at most [`HELD_BUFFERS`]).
+    held: u16,
 }
 
 struct RingParts {
@@ -238,6 +248,8 @@ impl Ring {
                 driver: None,
                 unsubmitted: false,
                 reaped: Vec::with_capacity(256),
+                holders: Vec::new(),
+                held: 0,
             }),
         });
         tokio::spawn(drive(ring.clone(), readable));
@@ -282,6 +294,11 @@ impl Ring {
 
     /// Submit what is queued and hand out what completed.
     fn turn(&self) {
+        // Buffers handed out in the last turn and still not read: copied out, given back.
+        let holders = std::mem::take(&mut self.lock().holders);
+        for socket in &holders {
+            socket.let_go_of_buffers();
+        }
         let mut reaped = {
             let mut state = self.lock();
             // Deferred completion work runs in an enter too.
@@ -305,7 +322,38 @@ impl Ring {
         for (user_data, result, flags) in reaped.drain(..) {
             complete(self, user_data, result, flags);
         }
-        self.lock().reaped = reaped;
+        // Keep the list's allocation; the sockets' references go before the lock is taken
+        // (a socket's last reference may go here).
+        let mut holders = holders;
+        holders.clear();
+        let mut state = self.lock();
+        state.reaped = reaped;
+        if state.holders.is_empty() {
+            state.holders = holders;
+        }
+    }
+
+    /// Whether one more buffer may be held by a socket until the next turn; if so it is
+    /// counted as held.
+    fn may_hold(&self) -> bool {
+        let mut state = self.lock();
+        let may = state.held < HELD_BUFFERS;
+        state.held += u16::from(may);
+        may
+    }
+
+    /// `socket` holds provided buffers until the next turn at most.
+    fn holds_buffers(&self, socket: Arc<Socket>) {
+        self.lock().holders.push(socket);
+    }
+
+    /// Held buffers `ids` were read or copied out: back to the kernel.
+    fn give_back_held(&self, ids: impl Iterator<Item = u16>) {
+        let mut state = self.lock();
+        for id in ids {
+            state.held -= 1;
+            state.buffers.give_back(id);
+        }
     }
 }
 
@@ -370,6 +418,10 @@ pub(crate) struct Socket {
 
 #[derive(Default)]
 struct SocketState {
+    /// Provided buffers received into this loop turn, not yet read: (id, first unread byte,
+    /// end). Their bytes come before those in `received`.
+    held: Vec<(u16, usize, usize)>,
+    held_bytes: usize,
     /// Received and not yet read, from `read_start` on (copied out of the provided buffers).
     received: Vec<u8>,
     read_start: usize,
@@ -392,7 +444,7 @@ struct SocketState {
 
 impl SocketState {
     fn unread(&self) -> usize {
-        self.received.len() - self.read_start
+        self.held_bytes + self.received.len() - self.read_start
     }
 
     fn readable(&self) -> bool {
@@ -449,13 +501,20 @@ impl Socket {
             state.receiving = false;
             state.stopping = false;
         }
-        let (mut stop, mut again) = (false, false);
+        let (mut stop, mut again, mut kept, mut first_held) = (false, false, false, false);
         match (result, buffer) {
             (n, Some(id)) if n > 0 => {
                 if state.halves > 0 {
-                    state
-                        .received
-                        .extend_from_slice(ring.buffer(id, n as usize));
+                    let n = n as usize;
+                    // Nothing copied out waits in front: the pump reads this buffer itself.
+                    if state.received.len() == state.read_start && ring.may_hold() {
+                        first_held = state.held.is_empty();
+                        state.held.push((id, 0, n));
+                        state.held_bytes += n;
+                        kept = true;
+                    } else {
+                        state.received.extend_from_slice(ring.buffer(id, n));
+                    }
                     if state.unread() >= RECV_CAP && state.receiving && !state.stopping {
                         state.stopping = true;
                         stop = true;
@@ -477,8 +536,12 @@ impl Socket {
         }
         let reader = state.reader.take();
         drop(state);
-        if let Some(id) = buffer {
-            ring.give_back(id);
+        match buffer {
+            // Held: the next turn copies out what the pump did not read.
+            Some(_) if kept && first_held => ring.holds_buffers(self.clone()),
+            Some(_) if kept => {}
+            Some(id) => ring.give_back(id),
+            None => {}
         }
         if stop {
             self.cancel(RECV);
@@ -489,6 +552,27 @@ impl Socket {
         if let Some(reader) = reader {
             reader.wake();
         }
+    }
+
+    /// Copy out what is left of the buffers held since the last turn, and give them back.
+    fn let_go_of_buffers(&self) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if state.held.is_empty() {
+            return;
+        }
+        // Held bytes come first, then any copied out after them (when too many were held).
+        let copied = &state.received[state.read_start..];
+        let mut bytes = Vec::with_capacity(state.held_bytes + copied.len());
+        for &(id, start, end) in &state.held {
+            bytes.extend_from_slice(&self.ring.buffer(id, end)[start..]);
+        }
+        bytes.extend_from_slice(copied);
+        state.received = bytes;
+        state.read_start = 0;
+        state.held_bytes = 0;
+        self.ring
+            .give_back_held(state.held.drain(..).map(|(id, ..)| id));
     }
 
     /// Cancel this socket's operation of kind `tag` (if any is in flight).
@@ -583,6 +667,10 @@ impl Drop for RingHalf {
         }
         let (receiving, sending) = (state.receiving, state.sending.is_some());
         state.received = Vec::new();
+        state.held_bytes = 0;
+        socket
+            .ring
+            .give_back_held(state.held.drain(..).map(|(id, ..)| id));
         drop(state);
         if receiving {
             // Nothing will read it: cancel the receive so the socket can close.
@@ -620,7 +708,27 @@ impl AsyncRead for RingHalf {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut state = self.0.lock();
+        let mut guard = self.0.lock();
+        let state = &mut *guard;
+        if state.held_bytes > 0 {
+            // Straight from the provided buffers the kernel filled this turn.
+            let mut done = 0;
+            for (id, start, end) in state.held.iter_mut() {
+                let n = (*end - *start).min(buf.remaining());
+                buf.put_slice(&self.0.ring.buffer(*id, *end)[*start..*start + n]);
+                *start += n;
+                state.held_bytes -= n;
+                if start < end {
+                    break;
+                }
+                done += 1;
+            }
+            self.0
+                .ring
+                .give_back_held(state.held.drain(..done).map(|(id, ..)| id));
+            return Poll::Ready(Ok(()));
+        }
+        let mut state = guard;
         let unread = state.unread();
         if unread > 0 {
             let n = unread.min(buf.remaining());
