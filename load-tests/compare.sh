@@ -111,27 +111,19 @@ primary = true
 url = "http://127.0.0.1:${REPLICA_PORTS[1]}"
 CONF
 }
+# This build as target $1, with [listen] lines $2; its process id in STARTED.
+STARTED=""
+start_this_build() {
+  router_config "${PORT[$1]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' \
+    "$2" > "$WORK/$1.toml"
+  RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
+  STARTED=$!
+  PIDS+=($STARTED)
+}
 WSROUTER_PID="" BASELINE_PID="" URING_PID="" SPLICE_PID=""
-if wants wsrouter; then
-  router_config "${PORT[wsrouter]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' > "$WORK/wsrouter.toml"
-  RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter.toml" 2>"$WORK/wsrouter.log" &
-  WSROUTER_PID=$!
-  PIDS+=($WSROUTER_PID)
-fi
-if wants wsrouter-uring; then
-  router_config "${PORT[wsrouter-uring]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' \
-    'io = "io_uring"' > "$WORK/wsrouter-uring.toml"
-  RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter-uring.toml" 2>"$WORK/wsrouter-uring.log" &
-  URING_PID=$!
-  PIDS+=($URING_PID)
-fi
-if wants wsrouter-splice; then
-  router_config "${PORT[wsrouter-splice]}" $'max_connections = 9000\nmax_connections_per_client = 0\nmax_sessions_per_client = 0' \
-    'splice = true' > "$WORK/wsrouter-splice.toml"
-  RUST_LOG=wsrouter=warn $PROXY_CPU $BIN/wsrouter --config "$WORK/wsrouter-splice.toml" 2>"$WORK/wsrouter-splice.log" &
-  SPLICE_PID=$!
-  PIDS+=($SPLICE_PID)
-fi
+if wants wsrouter; then start_this_build wsrouter ""; WSROUTER_PID=$STARTED; fi
+if wants wsrouter-uring; then start_this_build wsrouter-uring 'io = "io_uring"'; URING_PID=$STARTED; fi
+if wants wsrouter-splice; then start_this_build wsrouter-splice 'splice = true'; SPLICE_PID=$STARTED; fi
 if wants baseline; then
   router_config "${PORT[baseline]}" "" > "$WORK/baseline.toml"
   RUST_LOG=wsrouter=warn $PROXY_CPU "$BASELINE" --config "$WORK/baseline.toml" 2>"$WORK/baseline.log" &
