@@ -243,9 +243,10 @@ impl SessionGate {
 }
 
 /// Descriptors the router needs besides its sessions' two: listeners, the health probes'
-/// connections, event loops, stdio, the config file, and slack for what comes and goes.
+/// connections, event loops, stdio, the config file, the pipes of spliced frames, and slack
+/// for what comes and goes.
 pub fn reserved_descriptors(replicas: usize, workers: usize) -> usize {
-    64 + 2 * replicas + 4 * workers
+    64 + 2 * replicas + 4 * workers + 2 * crate::relay::splice::MAX_PIPES
 }
 
 /// `max_connections` and `max_sessions` that fit `open_files` descriptors: each connection

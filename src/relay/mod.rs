@@ -6,7 +6,7 @@ mod closing;
 mod keepalive;
 mod orders;
 mod pump;
-mod splice;
+pub(crate) mod splice;
 mod stream;
 
 pub(crate) use closing::{drain_until_close, write_order};

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fastwebsockets::WebSocketError;
 use tokio::io::Interest;
@@ -13,6 +14,14 @@ use tokio::net::TcpStream;
 /// a smaller gain). Past the user's pipe budget (`fs.pipe-user-pages-soft`, 64 MiB, which
 /// privileged processes may exceed) the kernel refuses it; such a frame is copied instead.
 const PIPE_BYTES: usize = 1 << 20;
+
+/// Pipes open at once, process-wide: past this, frames are copied. Their descriptors are
+/// kept out of what sessions may use (see `admission::reserved_descriptors`), so splicing
+/// never costs a connection its descriptor; 64 pipes also stay within the unprivileged pipe
+/// budget (64 MiB).
+pub(crate) const MAX_PIPES: usize = 64;
+
+static PIPES_OPEN: AtomicUsize = AtomicUsize::new(0);
 
 /// A payload shorter than this goes through user space: the pipe costs four system calls to
 /// make and close.
@@ -33,12 +42,28 @@ pub(super) struct Pipe {
     capacity: usize,
     /// Bytes in the pipe, read from the source and not yet written to the sink.
     held: usize,
+    _counted: Counted,
+}
+
+/// One of the [`MAX_PIPES`], given back when dropped.
+struct Counted;
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        PIPES_OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pipe {
-    /// A fresh pipe; fails when the process is out of descriptors or the pipe would be small
-    /// (the caller then copies).
+    /// A fresh pipe; fails when [`MAX_PIPES`] are open, the process is out of descriptors or
+    /// the pipe would be small (the caller then copies).
     pub(super) fn new() -> io::Result<Pipe> {
+        if PIPES_OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
+            PIPES_OPEN.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::other("every pipe is in use"));
+        }
+        // Counted from here: dropped with the pipe, or below if it cannot be made.
+        let counted = Counted;
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -59,6 +84,7 @@ impl Pipe {
             write,
             capacity,
             held: 0,
+            _counted: counted,
         })
     }
 
@@ -133,5 +159,19 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_more_than_max_pipes_are_open_at_once() {
+        let pipes: Vec<Pipe> = (0..MAX_PIPES).map(|_| Pipe::new().unwrap()).collect();
+        assert!(Pipe::new().is_err(), "one pipe past the cap");
+        drop(pipes);
+        let again = Pipe::new().expect("pipes are given back when dropped");
+        assert!(again.capacity >= SPLICE_MIN_BYTES);
     }
 }
