@@ -21,8 +21,9 @@ WORK=$ROOT/target/idle-scale
 ulimit -n "$(ulimit -Hn)"
 limit=$(ulimit -n)
 # Router: two descriptors per session plus what it keeps for itself (listeners, probes, event
-# loops, stdio; it refuses to start with limits that do not fit).
-fit=$(( (limit - 128) / 2 ))
+# loops, stdio, splice pipes: 202 with one replica and two workers; it refuses to start with
+# limits that do not fit).
+fit=$(( (limit - 256) / 2 ))
 if (( SESSIONS > fit )); then
     echo "idle_scale.sh: open-file limit is $limit (hard limit; raising it needs CAP_SYS_RESOURCE): holding $fit sessions instead of $SESSIONS"
     SESSIONS=$fit
