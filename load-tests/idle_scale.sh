@@ -2,7 +2,7 @@
 # Scale: hold SESSIONS (default 10,000) idle WebSocket sessions through wsrouter for HOLD
 # seconds (default 60), then check every one still echoes; prints the router's RSS per
 # session. Fails if any session could not be opened or died during the hold, or (release
-# builds) if an idle session costs more than MAX_KIB_PER_SESSION (default 4) of RSS.
+# builds) if an idle session costs more than MAX_KIB_PER_SESSION (default 4.5) of RSS.
 #
 #   load-tests/idle_scale.sh
 #   SESSIONS=2000 HOLD=5 PROFILE=debug load-tests/idle_scale.sh
@@ -15,7 +15,7 @@ ROOT=$PWD
 SESSIONS=${SESSIONS:-10000}
 HOLD=${HOLD:-60}
 PROFILE=${PROFILE:-release}
-MAX_KIB_PER_SESSION=${MAX_KIB_PER_SESSION:-4}
+MAX_KIB_PER_SESSION=${MAX_KIB_PER_SESSION:-4.5}
 WORK=$ROOT/target/idle-scale
 
 ulimit -n "$(ulimit -Hn)"
