@@ -249,8 +249,13 @@ fn open<C: Transport + AsyncRead + AsyncWrite + Unpin>(
         permit,
         connection: client.connection,
     };
-    let context = proxy.session_context.clone();
-    let (leftover, compression) = (upstream.leftover, upstream.compression);
+    let opening = session::Opening {
+        context: proxy.session_context.clone(),
+        session,
+        upgrade,
+        leftover: upstream.leftover,
+        compression: upstream.compression,
+    };
     // Plain TCP on both sides goes on the worker's ring when the data plane is io_uring.
     let ring = || {
         (proxy.io_uring && C::PLAIN_TCP)
@@ -259,32 +264,10 @@ fn open<C: Transport + AsyncRead + AsyncWrite + Unpin>(
     };
     match upstream.stream {
         UpstreamStream::Tcp(stream) => match ring() {
-            Some(ring) => spawn(session::run_on_ring(
-                context,
-                session,
-                upgrade,
-                stream,
-                leftover,
-                compression,
-                ring,
-            )),
-            None => spawn(session::run::<C, TcpStream>(
-                context,
-                session,
-                upgrade,
-                stream,
-                leftover,
-                compression,
-            )),
+            Some(ring) => spawn(session::run_on_ring(opening, stream, ring)),
+            None => spawn(session::run::<C, TcpStream>(opening, stream)),
         },
-        UpstreamStream::Tls(stream) => spawn(session::run::<C, ClientTls>(
-            context,
-            session,
-            upgrade,
-            *stream,
-            leftover,
-            compression,
-        )),
+        UpstreamStream::Tls(stream) => spawn(session::run::<C, ClientTls>(opening, *stream)),
     }
     response
 }

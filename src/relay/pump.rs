@@ -158,8 +158,9 @@ pub trait Sink: AsyncWrite + Unpin {
     }
 }
 
-/// In-memory pipes (benches, tests) and buffers take no splice.
+/// In-memory pipes (benches, tests) take no splice.
 impl<T: AsyncWrite> Sink for tokio::io::WriteHalf<T> {}
+#[cfg(test)]
 impl Sink for Vec<u8> {}
 
 /// In-memory pipes (benches, tests) never park.

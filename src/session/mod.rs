@@ -76,24 +76,35 @@ pub struct Session {
     pub connection: Arc<ConnectionGuard>,
 }
 
-/// Bridge an upgraded client and a connected replica until the session ends; `compression`:
-/// both agreed on permessage-deflate, so compressed messages pass through as they are.
+/// What a session starts from, on either data plane: besides the replica's stream, the
+/// client's upgrade still to complete and what the replica's handshake left.
+pub(crate) struct Opening {
+    pub context: Arc<SessionContext>,
+    pub session: Session,
+    pub upgrade: hyper::upgrade::OnUpgrade,
+    /// Bytes the replica sent past its 101.
+    pub leftover: bytes::Bytes,
+    /// Both agreed on permessage-deflate: compressed messages pass through as they are.
+    pub compression: bool,
+}
+
+/// Bridge an upgraded client and a connected replica until the session ends.
 ///
 /// Built from combinators rather than one async block: what the upgrade needs and what the
 /// relay needs then share room (an async block keeps its captures for its whole life), and
 /// every open session holds this future.
-pub(crate) fn run<C, U>(
-    context: Arc<SessionContext>,
-    session: Session,
-    upgrade: hyper::upgrade::OnUpgrade,
-    upstream: U,
-    leftover: bytes::Bytes,
-    compression: bool,
-) -> impl Future<Output = ()> + Send + 'static
+pub(crate) fn run<C, U>(opening: Opening, upstream: U) -> impl Future<Output = ()> + Send + 'static
 where
     C: Transport + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: Transport,
 {
+    let Opening {
+        context,
+        session,
+        upgrade,
+        leftover,
+        compression,
+    } = opening;
     // Split out here: the future then holds the halves, not the handshake's leftovers.
     let upstream = upstream_halves(upstream, leftover);
     ClientSocket::<C>::upgrade(upgrade).then(move |client| match client {
@@ -111,14 +122,17 @@ where
 /// As [`run`] for a plain-TCP client and replica, whose sockets move onto this worker's
 /// io_uring `ring` once the client's upgrade is done.
 pub(crate) fn run_on_ring(
-    context: Arc<SessionContext>,
-    session: Session,
-    upgrade: hyper::upgrade::OnUpgrade,
+    opening: Opening,
     upstream: TcpStream,
-    leftover: bytes::Bytes,
-    compression: bool,
     ring: Arc<Ring>,
 ) -> impl Future<Output = ()> + Send + 'static {
+    let Opening {
+        context,
+        session,
+        upgrade,
+        leftover,
+        compression,
+    } = opening;
     ClientSocket::<TcpStream>::upgrade(upgrade).then(move |client| {
         let adopted = client.map(|client| {
             let (stream, client_leftover) = client.into_parts();
@@ -395,7 +409,7 @@ mod budget {
     const FRAME_READER: usize = 48;
 
     /// The size of what `f` returns.
-    fn returned_size<A, B, C, D, E, F, G, R>(_: fn(A, B, C, D, E, F, G) -> R) -> usize {
+    fn returned_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -445,14 +459,14 @@ mod budget {
         };
         let mut request = hyper::Request::new(());
         let upgrade = hyper::upgrade::on(&mut request);
-        let future = run::<tokio::net::TcpStream, tokio::net::TcpStream>(
+        let opening = Opening {
             context,
             session,
             upgrade,
-            stream,
-            bytes::Bytes::new(),
-            false,
-        );
+            leftover: bytes::Bytes::new(),
+            compression: false,
+        };
+        let future = run::<tokio::net::TcpStream, tokio::net::TcpStream>(opening, stream);
         let sizes = [
             (
                 "session future",
@@ -461,7 +475,7 @@ mod budget {
             ),
             (
                 "session future on a ring",
-                returned_size(run_on_ring as fn(_, _, _, _, _, _, _) -> _),
+                returned_size(run_on_ring as fn(_, _, _) -> _),
                 SESSION_FUTURE,
             ),
             ("Session", std::mem::size_of::<Session>(), SESSION),
