@@ -252,10 +252,9 @@ fn open<C: Transport + AsyncRead + AsyncWrite + Unpin>(
     let opening = session::Opening {
         context: proxy.session_context.clone(),
         session,
-        upgrade,
-        leftover: upstream.leftover,
         compression: upstream.compression,
     };
+    let leftover = upstream.leftover;
     // Plain TCP on both sides goes on the worker's ring when the data plane is io_uring.
     let ring = || {
         (proxy.io_uring && C::PLAIN_TCP)
@@ -264,10 +263,16 @@ fn open<C: Transport + AsyncRead + AsyncWrite + Unpin>(
     };
     match upstream.stream {
         UpstreamStream::Tcp(stream) => match ring() {
-            Some(ring) => spawn(session::run_on_ring(opening, stream, ring)),
-            None => spawn(session::run::<C, TcpStream>(opening, stream)),
+            Some(ring) => spawn(session::run_on_ring(
+                opening, upgrade, stream, leftover, ring,
+            )),
+            None => spawn(session::run::<C, TcpStream>(
+                opening, upgrade, stream, leftover,
+            )),
         },
-        UpstreamStream::Tls(stream) => spawn(session::run::<C, ClientTls>(opening, *stream)),
+        UpstreamStream::Tls(stream) => spawn(session::run::<C, ClientTls>(
+            opening, upgrade, *stream, leftover,
+        )),
     }
     response
 }

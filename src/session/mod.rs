@@ -76,14 +76,10 @@ pub struct Session {
     pub connection: Arc<ConnectionGuard>,
 }
 
-/// What a session starts from, on either data plane: besides the replica's stream, the
-/// client's upgrade still to complete and what the replica's handshake left.
+/// What a session carries from its opening into the relay, on either data plane.
 pub(crate) struct Opening {
     pub context: Arc<SessionContext>,
     pub session: Session,
-    pub upgrade: hyper::upgrade::OnUpgrade,
-    /// Bytes the replica sent past its 101.
-    pub leftover: bytes::Bytes,
     /// Both agreed on permessage-deflate: compressed messages pass through as they are.
     pub compression: bool,
 }
@@ -93,27 +89,24 @@ pub(crate) struct Opening {
 /// Built from combinators rather than one async block: what the upgrade needs and what the
 /// relay needs then share room (an async block keeps its captures for its whole life), and
 /// every open session holds this future.
-pub(crate) fn run<C, U>(opening: Opening, upstream: U) -> impl Future<Output = ()> + Send + 'static
+/// `leftover`: the bytes the replica sent past its 101.
+pub(crate) fn run<C, U>(
+    opening: Opening,
+    upgrade: hyper::upgrade::OnUpgrade,
+    upstream: U,
+    leftover: bytes::Bytes,
+) -> impl Future<Output = ()> + Send + 'static
 where
     C: Transport + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: Transport,
 {
-    let Opening {
-        context,
-        session,
-        upgrade,
-        leftover,
-        compression,
-    } = opening;
     // Split out here: the future then holds the halves, not the handshake's leftovers.
     let upstream = upstream_halves(upstream, leftover);
     ClientSocket::<C>::upgrade(upgrade).then(move |client| match client {
         Some(client) => Either::Left(relay_session::<C, U>(
-            context,
-            session,
+            opening,
             client.into_halves(),
             upstream,
-            compression,
         )),
         None => Either::Right(std::future::ready(())),
     })
@@ -123,16 +116,11 @@ where
 /// io_uring `ring` once the client's upgrade is done.
 pub(crate) fn run_on_ring(
     opening: Opening,
+    upgrade: hyper::upgrade::OnUpgrade,
     upstream: TcpStream,
+    leftover: bytes::Bytes,
     ring: Arc<Ring>,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let Opening {
-        context,
-        session,
-        upgrade,
-        leftover,
-        compression,
-    } = opening;
     ClientSocket::<TcpStream>::upgrade(upgrade).then(move |client| {
         let adopted = client.map(|client| {
             let (stream, client_leftover) = client.into_parts();
@@ -144,16 +132,15 @@ pub(crate) fn run_on_ring(
         });
         match adopted {
             Some((Ok(client), Ok(upstream), client_leftover)) => {
-                context
+                opening
+                    .context
                     .metrics
                     .ring_sessions
                     .fetch_add(1, Ordering::Relaxed);
                 Either::Left(relay_session::<RingSocket, RingSocket>(
-                    context,
-                    session,
+                    opening,
                     client_halves(client, client_leftover),
                     upstream_halves(upstream, leftover),
-                    compression,
                 ))
             }
             Some((Err(error), _, _) | (_, Err(error), _)) => {
@@ -169,12 +156,16 @@ pub(crate) fn run_on_ring(
 /// close.
 #[allow(clippy::manual_async_fn)]
 fn relay_session<C: Transport, U: Transport>(
-    context: Arc<SessionContext>,
-    session: Session,
+    opening: Opening,
     (mut client_read, mut client_write): (ReadSide<C>, WriteSide<C>),
     (mut upstream_read, mut upstream_write): (ReadSide<U>, WriteSide<U>),
-    compression: bool,
 ) -> impl Future<Output = ()> + Send + 'static {
+    // Taken apart outside the async block, which would otherwise keep the whole and its parts.
+    let Opening {
+        context,
+        session,
+        compression,
+    } = opening;
     async move {
         let (limits, keepalive) = {
             let settings = context.settings.load();
@@ -409,7 +400,7 @@ mod budget {
     const FRAME_READER: usize = 48;
 
     /// The size of what `f` returns.
-    fn returned_size<A, B, C, R>(_: fn(A, B, C) -> R) -> usize {
+    fn returned_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -462,11 +453,14 @@ mod budget {
         let opening = Opening {
             context,
             session,
-            upgrade,
-            leftover: bytes::Bytes::new(),
             compression: false,
         };
-        let future = run::<tokio::net::TcpStream, tokio::net::TcpStream>(opening, stream);
+        let future = run::<tokio::net::TcpStream, tokio::net::TcpStream>(
+            opening,
+            upgrade,
+            stream,
+            bytes::Bytes::new(),
+        );
         let sizes = [
             (
                 "session future",
@@ -475,7 +469,7 @@ mod budget {
             ),
             (
                 "session future on a ring",
-                returned_size(run_on_ring as fn(_, _, _) -> _),
+                returned_size(run_on_ring as fn(_, _, _, _, _) -> _),
                 SESSION_FUTURE,
             ),
             ("Session", std::mem::size_of::<Session>(), SESSION),
